@@ -1,0 +1,471 @@
+//! The validating client every Margay program writes through.
+//!
+//! A backend stores whatever JSON it is given; this client makes sure that is only ever a valid
+//! resource. Every write goes: manifests -> [`margay_api::prepare`] (kind, typed read, unknown
+//! fields, defaults, validation) -> cross-object checks (namespaces exist, IP pools do not overlap,
+//! no key twice) -> one atomic [`Datastore::commit`]. Any failure before or during the commit
+//! leaves the store exactly as it was.
+//!
+//! Writes that do not carry a `resourceVersion` (apply, replace, patch, label) are still
+//! compare-and-swap underneath: the client reads, computes, and commits against the revision it
+//! read, retrying from the read when another writer got there first. That is what lets many
+//! processes patch different fields of one object at once without losing any of them.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use margay_api::patch::{PatchError, PatchType, apply_patch};
+use margay_api::{Kind, Resource, ValidationError};
+use serde_json::Value;
+
+use crate::backend::{Datastore, Error, Key, ListRequest, Listing, Op, Revision, Stored};
+
+/// How many times a read-compute-commit is retried when other writers keep winning.
+const MAX_ATTEMPTS: usize = 64;
+
+/// Namespaces Kubernetes refuses to delete.
+const PROTECTED_NAMESPACES: [&str; 3] = ["default", "kube-system", "kube-public"];
+
+/// What a client call can fail with; each displays as one line for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// A manifest failed validation; `what` names it (`FelixConfiguration default`, or its
+    /// position in a file when it has no usable name).
+    #[error("{what}: {error}")]
+    Invalid {
+        what: String,
+        error: ValidationError,
+    },
+    #[error("{what}: {error}")]
+    Patch { what: String, error: PatchError },
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Store(#[from] Error),
+}
+
+/// How a batch of manifests is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Every object must be new.
+    Create,
+    /// Every object must exist.
+    Replace,
+    /// Create what is missing, replace what exists.
+    Apply,
+}
+
+/// The validating client; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Client {
+    store: Arc<dyn Datastore>,
+}
+
+impl Client {
+    pub fn new(store: Arc<dyn Datastore>) -> Client {
+        Client { store }
+    }
+
+    /// The backend, for watches and for programs that need the raw contract.
+    pub fn store(&self) -> &Arc<dyn Datastore> {
+        &self.store
+    }
+
+    /// Seeds an empty store with what a fresh install holds (see
+    /// [`margay_api::defaults::fresh_install`]). A store that has ever been written is left
+    /// alone, so a resource the user deleted stays deleted.
+    pub async fn bootstrap(&self) -> Result<(), ClientError> {
+        if self.store.revision().await? != 0 {
+            return Ok(());
+        }
+        let guid = uuid::Uuid::new_v4().simple().to_string();
+        let manifests = margay_api::defaults::fresh_install(&guid);
+        match self.write(manifests, "default", WriteMode::Create).await {
+            Ok(_) => Ok(()),
+            // Another process seeded it between our check and our commit.
+            Err(ClientError::Store(Error::AlreadyExists(_))) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn get(&self, key: &Key) -> Result<Stored, ClientError> {
+        Ok(self.store.get(key).await?)
+    }
+
+    pub async fn list(&self, kind: Kind, namespace: Option<&str>) -> Result<Listing, ClientError> {
+        let request = ListRequest {
+            kind: Some(kind),
+            namespace: namespace.map(str::to_owned),
+        };
+        Ok(self.store.list(&request).await?)
+    }
+
+    /// Validates every manifest, then writes them all in one atomic commit. Namespaced objects
+    /// without a namespace go to `default_namespace`.
+    pub async fn write(
+        &self,
+        manifests: Vec<Value>,
+        default_namespace: &str,
+        mode: WriteMode,
+    ) -> Result<Vec<Stored>, ClientError> {
+        let prepared = prepare_all(manifests, default_namespace)?;
+        for attempt in 1..=MAX_ATTEMPTS {
+            let ops = self.plan(&prepared, mode).await?;
+            match self.store.commit(ops).await {
+                Ok(stored) => return Ok(stored),
+                // Someone changed an object between our read and our commit, and the user did not
+                // pin a resourceVersion: read again and retry.
+                Err(Error::Conflict { key, .. })
+                    if attempt < MAX_ATTEMPTS && !pinned(&prepared, &key) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ClientError::Refused(
+            "gave up after too many concurrent modifications; try again".into(),
+        ))
+    }
+
+    /// Turns prepared resources into commit operations against the store as it is now.
+    async fn plan(&self, prepared: &[Prepared], mode: WriteMode) -> Result<Vec<Op>, ClientError> {
+        let mut ops = Vec::with_capacity(prepared.len());
+        let batch_namespaces: HashSet<&str> = prepared
+            .iter()
+            .filter(|p| p.key.kind == Kind::Namespace)
+            .map(|p| p.key.name.as_str())
+            .collect();
+        let mut checked_namespaces = HashSet::new();
+        for p in prepared {
+            if let Some(ns) = &p.key.namespace {
+                if !batch_namespaces.contains(ns.as_str()) && checked_namespaces.insert(ns.clone()) {
+                    let ns_key = Key::new(Kind::Namespace, None, ns);
+                    if let Err(Error::NotFound(_)) = self.store.get(&ns_key).await {
+                        return Err(ClientError::Refused(format!(
+                            "{}: namespace {ns:?} not found; create it first (margayctl create namespace {ns})",
+                            p.what
+                        )));
+                    }
+                }
+            }
+            if p.key.kind == Kind::IPPool {
+                self.check_pool_overlap(p, prepared).await?;
+            }
+            let current = match self.store.get(&p.key).await {
+                Ok(s) => Some(s),
+                Err(Error::NotFound(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
+            let op = match (mode, current) {
+                (WriteMode::Create, Some(_)) => {
+                    return Err(Error::AlreadyExists(p.key.clone()).into());
+                }
+                (WriteMode::Create, None) => {
+                    if p.pinned_revision.is_some() {
+                        return Err(ClientError::Refused(format!(
+                            "{}: metadata.resourceVersion must not be set when creating; remove it or use apply",
+                            p.what
+                        )));
+                    }
+                    Op::Create {
+                        key: p.key.clone(),
+                        value: p.value.clone(),
+                    }
+                }
+                (WriteMode::Replace, None) => return Err(Error::NotFound(p.key.clone()).into()),
+                (WriteMode::Apply, None) => Op::Create {
+                    key: p.key.clone(),
+                    value: without_resource_version(p.value.clone()),
+                },
+                (WriteMode::Replace | WriteMode::Apply, Some(current)) => Op::Update {
+                    key: p.key.clone(),
+                    value: keep_status(p.value.clone(), &current.value),
+                    expected: Some(p.pinned_revision.unwrap_or(current.revision)),
+                },
+            };
+            ops.push(op);
+        }
+        Ok(ops)
+    }
+
+    /// Calico refuses IP pools that overlap: an address must have one pool.
+    async fn check_pool_overlap(&self, p: &Prepared, batch: &[Prepared]) -> Result<(), ClientError> {
+        let Some(mine) = pool_cidr(&p.value) else {
+            return Ok(());
+        };
+        let stored = self.list(Kind::IPPool, None).await?;
+        let others = stored
+            .items
+            .iter()
+            .map(|s| (&s.key.name, &s.value))
+            .chain(batch.iter().filter(|b| b.key.kind == Kind::IPPool).map(|b| (&b.key.name, &b.value)));
+        for (name, value) in others {
+            if *name == p.key.name {
+                continue;
+            }
+            if let Some(theirs) = pool_cidr(value) {
+                if mine.contains(&theirs.network()) || theirs.contains(&mine.network()) {
+                    return Err(ClientError::Refused(format!(
+                        "{}: spec.cidr: {mine} overlaps IPPool {name} ({theirs})",
+                        p.what
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes objects in one atomic commit. `expected` pins a revision per key. Deleting a
+    /// Namespace deletes what is in it, in the same commit, as Kubernetes does.
+    pub async fn delete(
+        &self,
+        keys: Vec<(Key, Option<Revision>)>,
+        skip_missing: bool,
+    ) -> Result<Vec<Stored>, ClientError> {
+        for (key, _) in &keys {
+            if key.kind == Kind::Namespace && PROTECTED_NAMESPACES.contains(&key.name.as_str()) {
+                return Err(ClientError::Refused(format!(
+                    "namespace {:?} is a system namespace and cannot be deleted",
+                    key.name
+                )));
+            }
+        }
+        for attempt in 1..=MAX_ATTEMPTS {
+            let mut ops = Vec::new();
+            let mut seen = HashSet::new();
+            for (key, expected) in &keys {
+                if !seen.insert(key.clone()) {
+                    continue;
+                }
+                let current = match self.store.get(key).await {
+                    Ok(s) => s,
+                    Err(Error::NotFound(_)) if skip_missing => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                if key.kind == Kind::Namespace {
+                    let contents = self
+                        .store
+                        .list(&ListRequest {
+                            kind: None,
+                            namespace: Some(key.name.clone()),
+                        })
+                        .await?;
+                    for item in contents.items.into_iter().filter(|i| i.key.kind.is_namespaced()) {
+                        if seen.insert(item.key.clone()) {
+                            ops.push(Op::Delete {
+                                key: item.key,
+                                expected: Some(item.revision),
+                            });
+                        }
+                    }
+                }
+                ops.push(Op::Delete {
+                    key: key.clone(),
+                    expected: Some(expected.unwrap_or(current.revision)),
+                });
+            }
+            if ops.is_empty() {
+                return Ok(Vec::new());
+            }
+            match self.store.commit(ops).await {
+                Ok(deleted) => {
+                    // Report what the user named, not the cascade.
+                    let named: HashSet<&Key> = keys.iter().map(|(k, _)| k).collect();
+                    return Ok(deleted.into_iter().filter(|s| named.contains(&s.key)).collect());
+                }
+                Err(Error::Conflict { key, .. })
+                    if attempt < MAX_ATTEMPTS
+                        && !keys.iter().any(|(k, e)| *k == key && e.is_some()) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ClientError::Refused(
+            "gave up after too many concurrent modifications; try again".into(),
+        ))
+    }
+
+    /// Patches one object: read, patch, validate, compare-and-swap, retried when another writer
+    /// got in between (unless the patch itself pins a resourceVersion).
+    pub async fn patch(
+        &self,
+        key: &Key,
+        patch: &str,
+        patch_type: PatchType,
+    ) -> Result<Stored, ClientError> {
+        let what = describe_key(key);
+        self.modify(key, |current| {
+            apply_patch(current, patch, patch_type).map_err(|error| ClientError::Patch {
+                what: what.clone(),
+                error,
+            })
+        })
+        .await
+    }
+
+    /// Read-modify-write of one object through `change`, validated and compare-and-swapped, with
+    /// retries. The object's identity (apiVersion, kind, name, namespace) may not change.
+    pub async fn modify<F>(&self, key: &Key, mut change: F) -> Result<Stored, ClientError>
+    where
+        F: FnMut(&Value) -> Result<Value, ClientError>,
+    {
+        let what = describe_key(key);
+        for attempt in 1..=MAX_ATTEMPTS {
+            let current = self.store.get(key).await?;
+            let changed = change(&current.value)?;
+            check_identity(&what, &current.value, &changed)?;
+            let pinned = match changed["metadata"]["resourceVersion"].as_str() {
+                Some(rv) if rv != current.revision.to_string() => {
+                    Some(rv.parse::<Revision>().map_err(|_| {
+                        ClientError::Invalid {
+                            what: what.clone(),
+                            error: ValidationError::new(
+                                "metadata.resourceVersion",
+                                format!("{rv:?} is not a resourceVersion this datastore issued"),
+                            ),
+                        }
+                    })?)
+                }
+                _ => None,
+            };
+            let namespace = key.namespace.as_deref().unwrap_or("default");
+            let resource = margay_api::prepare(changed, namespace)
+                .map_err(|error| ClientError::Invalid { what: what.clone(), error })?;
+            let op = Op::Update {
+                key: key.clone(),
+                value: without_resource_version(resource.to_value()),
+                expected: Some(pinned.unwrap_or(current.revision)),
+            };
+            match self.store.commit(vec![op]).await {
+                Ok(mut stored) => {
+                    return stored.pop().ok_or_else(|| {
+                        ClientError::Refused("the datastore returned nothing".into())
+                    });
+                }
+                Err(Error::Conflict { .. }) if pinned.is_none() && attempt < MAX_ATTEMPTS => {
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ClientError::Refused(
+            "gave up after too many concurrent modifications; try again".into(),
+        ))
+    }
+}
+
+/// A manifest that passed validation, ready to be written.
+#[derive(Debug)]
+struct Prepared {
+    key: Key,
+    /// The canonical object, without resourceVersion.
+    value: Value,
+    /// The resourceVersion the user's manifest carried, if any: a compare-and-swap they asked for.
+    pinned_revision: Option<Revision>,
+    what: String,
+}
+
+fn prepare_all(manifests: Vec<Value>, default_namespace: &str) -> Result<Vec<Prepared>, ClientError> {
+    let count = manifests.len();
+    let mut prepared: Vec<Prepared> = Vec::with_capacity(count);
+    for (i, manifest) in manifests.into_iter().enumerate() {
+        let fallback = if count > 1 {
+            format!("resource {} of {count}", i + 1)
+        } else {
+            "resource".to_owned()
+        };
+        let what = describe_manifest(&manifest).unwrap_or(fallback);
+        let resource = margay_api::prepare(manifest, default_namespace)
+            .map_err(|error| ClientError::Invalid { what: what.clone(), error })?;
+        let key = key_of(&resource);
+        let what = describe_key(&key);
+        if prepared.iter().any(|p| p.key == key) {
+            return Err(ClientError::Refused(format!(
+                "{what} appears more than once in the input"
+            )));
+        }
+        let pinned_revision = resource
+            .metadata()
+            .resource_version
+            .as_deref()
+            .filter(|rv| !rv.is_empty())
+            .and_then(|rv| rv.parse().ok());
+        prepared.push(Prepared {
+            key,
+            value: without_resource_version(resource.to_value()),
+            pinned_revision,
+            what,
+        });
+    }
+    Ok(prepared)
+}
+
+fn pinned(prepared: &[Prepared], key: &Key) -> bool {
+    prepared
+        .iter()
+        .any(|p| &p.key == key && p.pinned_revision.is_some())
+}
+
+/// The storage key of a validated resource.
+pub fn key_of(resource: &Resource) -> Key {
+    Key::new(resource.kind(), resource.namespace(), resource.name())
+}
+
+/// `FelixConfiguration default`, `Service yaobank/customer`.
+pub fn describe_key(key: &Key) -> String {
+    key.to_string()
+}
+
+fn describe_manifest(manifest: &Value) -> Option<String> {
+    let kind = manifest["kind"].as_str()?;
+    let name = manifest["metadata"]["name"].as_str()?;
+    Some(match manifest["metadata"]["namespace"].as_str() {
+        Some(ns) => format!("{kind} {ns}/{name}"),
+        None => format!("{kind} {name}"),
+    })
+}
+
+fn without_resource_version(mut value: Value) -> Value {
+    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+    }
+    value
+}
+
+/// Status is written by agents and controllers; a user's manifest without one (the usual case)
+/// keeps the stored status rather than wiping it.
+fn keep_status(mut value: Value, current: &Value) -> Value {
+    if let (Some(map), Some(status)) = (value.as_object_mut(), current.get("status")) {
+        if !map.contains_key("status") {
+            map.insert("status".into(), status.clone());
+        }
+    }
+    value
+}
+
+fn check_identity(what: &str, before: &Value, after: &Value) -> Result<(), ClientError> {
+    for (path, a, b) in [
+        ("apiVersion", &before["apiVersion"], &after["apiVersion"]),
+        ("kind", &before["kind"], &after["kind"]),
+        ("metadata.name", &before["metadata"]["name"], &after["metadata"]["name"]),
+        (
+            "metadata.namespace",
+            &before["metadata"]["namespace"],
+            &after["metadata"]["namespace"],
+        ),
+    ] {
+        if a != b {
+            return Err(ClientError::Refused(format!(
+                "{what}: the change would alter {path} from {a} to {b}; an object cannot be renamed or moved"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn pool_cidr(value: &Value) -> Option<ipnet::IpNet> {
+    value["spec"]["cidr"].as_str()?.parse().ok()
+}
