@@ -39,7 +39,10 @@ fn check_ip(path: &str, text: &str) -> Result<IpAddr, crate::ValidationError> {
 
 fn check_port(path: &str, port: i32) -> Validation {
     if !(1..=65535).contains(&port) {
-        return fail(path, format!("{port} is out of range (must be between 1 and 65535)"));
+        return fail(
+            path,
+            format!("{port} is out of range (must be between 1 and 65535)"),
+        );
     }
     Ok(())
 }
@@ -50,7 +53,10 @@ fn check_port(path: &str, port: i32) -> Validation {
 /// None (and its three-hour timeout when ClientIP), traffic policies Cluster.
 pub fn default_service(svc: &mut Service) {
     let spec = svc.spec.get_or_insert_with(Default::default);
-    let svc_type = spec.type_.get_or_insert_with(|| "ClusterIP".to_owned()).clone();
+    let svc_type = spec
+        .type_
+        .get_or_insert_with(|| "ClusterIP".to_owned())
+        .clone();
     if svc_type == "ExternalName" {
         return;
     }
@@ -65,7 +71,9 @@ pub fn default_service(svc: &mut Service) {
         .get_or_insert_with(|| "None".to_owned())
         .clone();
     if affinity == "ClientIP" {
-        let config = spec.session_affinity_config.get_or_insert_with(Default::default);
+        let config = spec
+            .session_affinity_config
+            .get_or_insert_with(Default::default);
         let client = config.client_ip.get_or_insert_with(Default::default);
         client
             .timeout_seconds
@@ -75,7 +83,10 @@ pub fn default_service(svc: &mut Service) {
         .get_or_insert_with(|| "Cluster".to_owned());
     let externally_accessible = svc_type == "NodePort"
         || svc_type == "LoadBalancer"
-        || spec.external_ips.as_ref().is_some_and(|ips| !ips.is_empty());
+        || spec
+            .external_ips
+            .as_ref()
+            .is_some_and(|ips| !ips.is_empty());
     if externally_accessible {
         spec.external_traffic_policy
             .get_or_insert_with(|| "Cluster".to_owned());
@@ -111,7 +122,9 @@ pub fn validate_service(svc: &Service) -> Validation {
             if svc_type != "ClusterIP" {
                 return fail(
                     "spec.clusterIP",
-                    format!("\"None\" (headless) is only allowed for type ClusterIP, not {svc_type}"),
+                    format!(
+                        "\"None\" (headless) is only allowed for type ClusterIP, not {svc_type}"
+                    ),
                 );
             }
         } else if !ip.is_empty() {
@@ -141,7 +154,10 @@ pub fn validate_service(svc: &Service) -> Validation {
             if other.name.is_some() && other.name == port.name {
                 return fail(
                     format!("{path}.name"),
-                    format!("{:?} is also the name of spec.ports[{j}]", port.name.as_deref().unwrap_or_default()),
+                    format!(
+                        "{:?} is also the name of spec.ports[{j}]",
+                        port.name.as_deref().unwrap_or_default()
+                    ),
                 );
             }
             if other.port == port.port && other.protocol.as_deref().unwrap_or("TCP") == protocol {
@@ -200,7 +216,10 @@ pub fn validate_service(svc: &Service) -> Validation {
 
     let externally_accessible = svc_type == "NodePort"
         || svc_type == "LoadBalancer"
-        || spec.external_ips.as_ref().is_some_and(|ips| !ips.is_empty());
+        || spec
+            .external_ips
+            .as_ref()
+            .is_some_and(|ips| !ips.is_empty());
     if let Some(policy) = spec.external_traffic_policy.as_deref() {
         one_of("spec.externalTrafficPolicy", policy, &TRAFFIC_POLICIES)?;
         if !externally_accessible {
@@ -223,7 +242,12 @@ pub fn validate_service(svc: &Service) -> Validation {
         }
         check_port("spec.healthCheckNodePort", port)?;
     }
-    for (i, range) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
+    for (i, range) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
         if range.trim().parse::<ipnet::IpNet>().is_err() {
             return fail(
                 format!("spec.loadBalancerSourceRanges[{i}]"),
@@ -312,7 +336,10 @@ pub fn validate_pod(pod: &Pod) -> Validation {
             let path = format!("spec.containers[{i}]");
             check_label_name(&format!("{path}.name"), &c.name)?;
             for (j, p) in c.ports.iter().flatten().enumerate() {
-                check_port(&format!("{path}.ports[{j}].containerPort"), p.container_port)?;
+                check_port(
+                    &format!("{path}.ports[{j}].containerPort"),
+                    p.container_port,
+                )?;
                 if let Some(hp) = p.host_port {
                     check_port(&format!("{path}.ports[{j}].hostPort"), hp)?;
                 }
@@ -371,13 +398,17 @@ pub fn validate_config_map(cm: &ConfigMap) -> Validation {
             );
         }
     }
-    if let Some(data) = &cm.data {
-        if let Some(key) = cm.binary_data.iter().flat_map(|b| b.keys()).find(|k| data.contains_key(*k)) {
-            return fail(
-                format!("binaryData[{key:?}]"),
-                "the same key is also in data",
-            );
-        }
+    if let Some(data) = &cm.data
+        && let Some(key) = cm
+            .binary_data
+            .iter()
+            .flat_map(|b| b.keys())
+            .find(|k| data.contains_key(*k))
+    {
+        return fail(
+            format!("binaryData[{key:?}]"),
+            "the same key is also in data",
+        );
     }
     Ok(())
 }

@@ -103,12 +103,15 @@ impl Kind {
     /// Resolves a manifest's `apiVersion` and `kind` pair, refusing a known kind under the wrong
     /// group so that a typo in `apiVersion` is caught rather than silently accepted.
     pub fn from_manifest(api_version: &str, kind: &str) -> Result<Kind, String> {
-        let found = Kind::ALL.into_iter().find(|k| k.as_str() == kind).ok_or_else(|| {
-            format!(
-                "unknown kind {kind:?}; known kinds: {}",
-                Kind::ALL.map(Kind::as_str).join(", ")
-            )
-        })?;
+        let found = Kind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == kind)
+            .ok_or_else(|| {
+                format!(
+                    "unknown kind {kind:?}; known kinds: {}",
+                    Kind::ALL.map(Kind::as_str).join(", ")
+                )
+            })?;
         if found.api_version() != api_version {
             return Err(format!(
                 "kind {kind} is served as apiVersion {:?}, not {api_version:?}",

@@ -122,16 +122,18 @@ impl InstallationSpec {
         let Some(net) = &self.calico_network else {
             return Ok(());
         };
-        if let Some(dp) = net.linux_dataplane {
-            if !dp.is_supported() {
-                return fail(
-                    "spec.calicoNetwork.linuxDataplane",
-                    format!(
-                        "{dp} is a Calico dataplane that Margay does not run yet; use {}",
-                        LinuxDataplane::SUPPORTED.map(LinuxDataplane::as_str).join(" or ")
-                    ),
-                );
-            }
+        if let Some(dp) = net.linux_dataplane
+            && !dp.is_supported()
+        {
+            return fail(
+                "spec.calicoNetwork.linuxDataplane",
+                format!(
+                    "{dp} is a Calico dataplane that Margay does not run yet; use {}",
+                    LinuxDataplane::SUPPORTED
+                        .map(LinuxDataplane::as_str)
+                        .join(" or ")
+                ),
+            );
         }
         for (i, pool) in net.ip_pools.iter().flatten().enumerate() {
             let path = format!("spec.calicoNetwork.ipPools[{i}]");

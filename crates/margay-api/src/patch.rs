@@ -93,7 +93,10 @@ mod tests {
             PatchType::Merge,
         )
         .unwrap();
-        assert_eq!(out, json!({"spec": {"bpfLogLevel": "", "wireguardEnabled": true}}));
+        assert_eq!(
+            out,
+            json!({"spec": {"bpfLogLevel": "", "wireguardEnabled": true}})
+        );
     }
 
     #[test]
@@ -122,7 +125,12 @@ mod tests {
 
     #[test]
     fn yaml_patches_and_bad_patches() {
-        let out = apply_patch(&doc(), "spec:\n  wireguardEnabled: false\n", PatchType::Merge).unwrap();
+        let out = apply_patch(
+            &doc(),
+            "spec:\n  wireguardEnabled: false\n",
+            PatchType::Merge,
+        )
+        .unwrap();
         assert_eq!(out["spec"]["wireguardEnabled"], false);
         assert!(apply_patch(&doc(), "{not json", PatchType::Merge).is_err());
         assert!(apply_patch(&doc(), "[1]", PatchType::Merge).is_err());

@@ -17,6 +17,11 @@ use crate::{calico, k8s, operator};
 
 /// Any resource Margay stores.
 #[derive(Clone, Debug, PartialEq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a Resource is built once per write and moved, never stored in bulk; boxing the \
+              large Kubernetes variants would complicate every match for no measurable gain"
+)]
 pub enum Resource {
     FelixConfiguration(FelixConfiguration),
     Node(Node),
@@ -120,20 +125,24 @@ impl Resource {
         } else if meta.namespace.as_deref().is_some_and(|ns| !ns.is_empty()) {
             return fail(
                 "metadata.namespace",
-                format!("{} is not namespaced; remove metadata.namespace", self.kind()),
+                format!(
+                    "{} is not namespaced; remove metadata.namespace",
+                    self.kind()
+                ),
             );
         }
         check_labels("metadata.labels", meta.labels.as_ref())?;
         for key in meta.annotations.iter().flat_map(|a| a.keys()) {
             check_label_key(&format!("metadata.annotations[{key:?}]"), key)?;
         }
-        if let Some(rv) = meta.resource_version.as_deref() {
-            if !rv.is_empty() && rv.parse::<u64>().is_err() {
-                return fail(
-                    "metadata.resourceVersion",
-                    format!("{rv:?} is not a resourceVersion this datastore issued"),
-                );
-            }
+        if let Some(rv) = meta.resource_version.as_deref()
+            && !rv.is_empty()
+            && rv.parse::<u64>().is_err()
+        {
+            return fail(
+                "metadata.resourceVersion",
+                format!("{rv:?} is not a resourceVersion this datastore issued"),
+            );
         }
         match self {
             Resource::FelixConfiguration(r) => {
@@ -171,9 +180,10 @@ pub fn prepare(value: Value, default_namespace: &str) -> Result<Resource, Valida
     let kind = manifest_kind(&value)?;
     let mut value = value;
     if kind.is_namespaced() {
-        let meta = value
-            .as_object_mut()
-            .map(|m| m.entry("metadata").or_insert_with(|| Value::Object(Default::default())));
+        let meta = value.as_object_mut().map(|m| {
+            m.entry("metadata")
+                .or_insert_with(|| Value::Object(Default::default()))
+        });
         if let Some(Value::Object(meta)) = meta {
             let ns = meta.get("namespace").and_then(Value::as_str).unwrap_or("");
             if ns.is_empty() {
@@ -190,7 +200,10 @@ pub fn prepare(value: Value, default_namespace: &str) -> Result<Resource, Valida
 
 fn manifest_kind(value: &Value) -> Result<Kind, ValidationError> {
     if !value.is_object() {
-        return fail("", "a resource must be an object with apiVersion, kind and metadata");
+        return fail(
+            "",
+            "a resource must be an object with apiVersion, kind and metadata",
+        );
     }
     let api_version = value["apiVersion"].as_str().unwrap_or_default();
     let kind = value["kind"].as_str().unwrap_or_default();
@@ -292,7 +305,10 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_refused_everywhere() {
-        assert_eq!(err(felix(json!({"bpfEnable": true}))), "spec.bpfEnable: unknown field");
+        assert_eq!(
+            err(felix(json!({"bpfEnable": true}))),
+            "spec.bpfEnable: unknown field"
+        );
         assert_eq!(
             err(json!({"apiVersion": "v1", "kind": "Service",
                 "metadata": {"name": "web", "labelz": {}},
@@ -300,31 +316,52 @@ mod tests {
             "metadata.labelz: unknown field"
         );
         assert_eq!(
-            err(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
-                "spec": {"ports": [{"port": 80, "targetPrt": 8080}]}})),
+            err(
+                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+                "spec": {"ports": [{"port": 80, "targetPrt": 8080}]}})
+            ),
             "spec.ports[0].targetPrt: unknown field"
         );
         assert_eq!(
-            err(json!({"apiVersion": "projectcalico.org/v3", "kind": "FelixConfiguration",
-                "metadata": {"name": "default"}, "spec": {}, "extra": 1})),
+            err(
+                json!({"apiVersion": "projectcalico.org/v3", "kind": "FelixConfiguration",
+                "metadata": {"name": "default"}, "spec": {}, "extra": 1})
+            ),
             "extra: unknown field"
         );
     }
 
     #[test]
     fn durations_regexes_and_cidrs_are_checked() {
-        assert!(err(felix(json!({"reportingInterval": "10 seconds"})))
-            .starts_with("spec.reportingInterval: \"10 seconds\" is not a duration"));
-        assert!(err(felix(json!({"bpfDataIfacePattern": "^(eth"})))
-            .starts_with("spec.bpfDataIfacePattern: \"^(eth\" is not a valid regular expression"));
-        assert!(err(felix(json!({"bpfExcludeCIDRsFromNAT": ["10.0.0.0/8", "nope"]})))
-            .starts_with("spec.bpfExcludeCIDRsFromNAT[1]: \"nope\" is not a CIDR"));
-        assert!(err(felix(json!({"wireguardListeningPort": 70000})))
-            .starts_with("spec.wireguardListeningPort: 70000 is out of range"));
-        assert!(err(felix(json!({"bpfConntrackTimeouts": {"tcpEstablished": "forever"}})))
-            .starts_with("spec.bpfConntrackTimeouts.tcpEstablished:"));
-        assert!(err(felix(json!({"wireguardEnabled": "yes"})))
-            .starts_with("spec.wireguardEnabled: wrong type"));
+        assert!(
+            err(felix(json!({"reportingInterval": "10 seconds"})))
+                .starts_with("spec.reportingInterval: \"10 seconds\" is not a duration")
+        );
+        assert!(
+            err(felix(json!({"bpfDataIfacePattern": "^(eth"}))).starts_with(
+                "spec.bpfDataIfacePattern: \"^(eth\" is not a valid regular expression"
+            )
+        );
+        assert!(
+            err(felix(
+                json!({"bpfExcludeCIDRsFromNAT": ["10.0.0.0/8", "nope"]})
+            ))
+            .starts_with("spec.bpfExcludeCIDRsFromNAT[1]: \"nope\" is not a CIDR")
+        );
+        assert!(
+            err(felix(json!({"wireguardListeningPort": 70000})))
+                .starts_with("spec.wireguardListeningPort: 70000 is out of range")
+        );
+        assert!(
+            err(felix(
+                json!({"bpfConntrackTimeouts": {"tcpEstablished": "forever"}})
+            ))
+            .starts_with("spec.bpfConntrackTimeouts.tcpEstablished:")
+        );
+        assert!(
+            err(felix(json!({"wireguardEnabled": "yes"})))
+                .starts_with("spec.wireguardEnabled: wrong type")
+        );
     }
 
     #[test]
@@ -342,17 +379,25 @@ mod tests {
 
     #[test]
     fn names_and_namespaces() {
-        assert!(err(json!({"apiVersion": "projectcalico.org/v3", "kind": "IPPool",
-            "metadata": {"name": "Bad_Name"}, "spec": {"cidr": "10.0.0.0/16"}}))
-            .starts_with("metadata.name:"));
+        assert!(
+            err(
+                json!({"apiVersion": "projectcalico.org/v3", "kind": "IPPool",
+            "metadata": {"name": "Bad_Name"}, "spec": {"cidr": "10.0.0.0/16"}})
+            )
+            .starts_with("metadata.name:")
+        );
         assert_eq!(
-            err(json!({"apiVersion": "projectcalico.org/v3", "kind": "IPPool",
-                "metadata": {"name": "p", "namespace": "x"}, "spec": {"cidr": "10.0.0.0/16"}})),
+            err(
+                json!({"apiVersion": "projectcalico.org/v3", "kind": "IPPool",
+                "metadata": {"name": "p", "namespace": "x"}, "spec": {"cidr": "10.0.0.0/16"}})
+            ),
             "metadata.namespace: IPPool is not namespaced; remove metadata.namespace"
         );
         assert_eq!(
-            err(json!({"apiVersion": "operator.tigera.io/v1", "kind": "Installation",
-                "metadata": {"name": "other"}})),
+            err(
+                json!({"apiVersion": "operator.tigera.io/v1", "kind": "Installation",
+                "metadata": {"name": "other"}})
+            ),
             "metadata.name: \"other\": the operator reads only the Installation named default"
         );
         let svc = prepare(
@@ -366,11 +411,17 @@ mod tests {
 
     #[test]
     fn kinds_and_versions_are_checked() {
-        assert!(err(json!({"apiVersion": "v1", "kind": "Widget", "metadata": {"name": "a"}}))
-            .starts_with("kind: unknown kind \"Widget\""));
-        assert!(err(json!({"apiVersion": "projectcalico.org/v2", "kind": "IPPool",
-            "metadata": {"name": "a"}}))
-            .starts_with("kind: kind IPPool is served as apiVersion"));
+        assert!(
+            err(json!({"apiVersion": "v1", "kind": "Widget", "metadata": {"name": "a"}}))
+                .starts_with("kind: unknown kind \"Widget\"")
+        );
+        assert!(
+            err(
+                json!({"apiVersion": "projectcalico.org/v2", "kind": "IPPool",
+            "metadata": {"name": "a"}})
+            )
+            .starts_with("kind: kind IPPool is served as apiVersion")
+        );
         assert_eq!(err(json!({"kind": "IPPool"})), "apiVersion: is required");
         assert!(err(json!([1, 2])).contains("must be an object"));
     }
@@ -406,15 +457,35 @@ mod tests {
         assert_eq!(v["spec"]["nodeSelector"], "all()");
         assert_eq!(v["spec"]["allowedUses"], json!(["Workload", "Tunnel"]));
         assert_eq!(err(pool(json!({}))), "spec.cidr: is required");
-        assert!(err(pool(json!({"cidr": "10.10.0.0/16", "blockSize": 12})))
-            .starts_with("spec.blockSize: 12 is out of range"));
-        assert!(err(pool(json!({"cidr": "10.10.0.0/16", "vxlanMode": "Always", "ipipMode": "Always"})))
-            .starts_with("spec.vxlanMode: VXLAN and IPIP"));
-        assert!(err(pool(json!({"cidr": "198.51.100.0/24", "allowedUses": ["LoadBalancer", "Workload"]})))
-            .starts_with("spec.allowedUses: LoadBalancer cannot be combined"));
-        assert!(err(pool(json!({"cidr": "10.10.0.0/16", "nodeSelector": "zone =="})))
-            .starts_with("spec.nodeSelector:"));
-        assert!(prepare(pool(json!({"cidr": "198.51.100.0/24", "allowedUses": ["LoadBalancer"]})), "default").is_ok());
+        assert!(
+            err(pool(json!({"cidr": "10.10.0.0/16", "blockSize": 12})))
+                .starts_with("spec.blockSize: 12 is out of range")
+        );
+        assert!(
+            err(pool(
+                json!({"cidr": "10.10.0.0/16", "vxlanMode": "Always", "ipipMode": "Always"})
+            ))
+            .starts_with("spec.vxlanMode: VXLAN and IPIP")
+        );
+        assert!(
+            err(pool(
+                json!({"cidr": "198.51.100.0/24", "allowedUses": ["LoadBalancer", "Workload"]})
+            ))
+            .starts_with("spec.allowedUses: LoadBalancer cannot be combined")
+        );
+        assert!(
+            err(pool(
+                json!({"cidr": "10.10.0.0/16", "nodeSelector": "zone =="})
+            ))
+            .starts_with("spec.nodeSelector:")
+        );
+        assert!(
+            prepare(
+                pool(json!({"cidr": "198.51.100.0/24", "allowedUses": ["LoadBalancer"]})),
+                "default"
+            )
+            .is_ok()
+        );
     }
 
     #[test]
@@ -423,31 +494,57 @@ mod tests {
             json!({"apiVersion": "v1", "kind": "Service",
                 "metadata": {"name": "yaobank-customer", "namespace": "yaobank"}, "spec": spec})
         };
-        let r = prepare(svc(json!({"type": "LoadBalancer", "selector": {"app": "customer"},
-            "ports": [{"port": 80}]})), "default").unwrap();
+        let r = prepare(
+            svc(
+                json!({"type": "LoadBalancer", "selector": {"app": "customer"},
+            "ports": [{"port": 80}]}),
+            ),
+            "default",
+        )
+        .unwrap();
         let v = r.to_value();
         assert_eq!(v["spec"]["ports"][0]["targetPort"], 80);
         assert_eq!(v["spec"]["ports"][0]["protocol"], "TCP");
         assert_eq!(v["spec"]["externalTrafficPolicy"], "Cluster");
         assert_eq!(v["spec"]["sessionAffinity"], "None");
-        let r = prepare(svc(json!({"sessionAffinity": "ClientIP", "ports": [{"port": 80}]})), "d").unwrap();
-        assert_eq!(r.to_value()["spec"]["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"], 10800);
+        let r = prepare(
+            svc(json!({"sessionAffinity": "ClientIP", "ports": [{"port": 80}]})),
+            "d",
+        )
+        .unwrap();
+        assert_eq!(
+            r.to_value()["spec"]["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"],
+            10800
+        );
         assert_eq!(
             err(svc(json!({"type": "Balanced", "ports": [{"port": 80}]}))),
             "spec.type: \"Balanced\" is not one of ClusterIP, NodePort, LoadBalancer, ExternalName"
         );
-        assert!(err(svc(json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 80}]})))
-            .starts_with("spec.ports[0].nodePort: 80 is outside the NodePort range"));
+        assert!(
+            err(svc(
+                json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 80}]})
+            ))
+            .starts_with("spec.ports[0].nodePort: 80 is outside the NodePort range")
+        );
         assert_eq!(
             err(svc(json!({"ports": [{"port": 80}, {"port": 81}]}))),
             "spec.ports[0].name: is required when a Service has more than one port"
         );
-        assert!(err(svc(json!({"ports": [{"port": 80}], "externalTrafficPolicy": "Local"})))
-            .starts_with("spec.externalTrafficPolicy: may only be set"));
-        assert!(err(svc(json!({"type": "LoadBalancer", "ports": [{"port": 80}],
+        assert!(
+            err(svc(
+                json!({"ports": [{"port": 80}], "externalTrafficPolicy": "Local"})
+            ))
+            .starts_with("spec.externalTrafficPolicy: may only be set")
+        );
+        assert!(
+            err(svc(json!({"type": "LoadBalancer", "ports": [{"port": 80}],
             "loadBalancerSourceRanges": ["bogus"]})))
-            .starts_with("spec.loadBalancerSourceRanges[0]:"));
-        assert!(err(svc(json!({"ports": [{"port": 0}]}))).starts_with("spec.ports[0].port: 0 is out of range"));
+            .starts_with("spec.loadBalancerSourceRanges[0]:")
+        );
+        assert!(
+            err(svc(json!({"ports": [{"port": 0}]})))
+                .starts_with("spec.ports[0].port: 0 is out of range")
+        );
     }
 
     #[test]
@@ -470,6 +567,9 @@ mod tests {
             "metadata": {"name": "customer-1", "labels": {"app": "customer"}},
             "spec": {"nodeName": "node-1", "containers": [{"name": "customer", "image": "yaobank/customer"}]},
             "status": {"podIP": "192.168.0.300"}});
-        assert_eq!(err(pod), "status.podIP: \"192.168.0.300\" is not an IP address");
+        assert_eq!(
+            err(pod),
+            "status.podIP: \"192.168.0.300\" is not an IP address"
+        );
     }
 }

@@ -166,7 +166,10 @@ impl Parser<'_> {
 
     fn string(&mut self) -> Result<String, String> {
         self.skip_ws();
-        let quote = *self.s.get(self.i).ok_or("expected a quoted value at the end")?;
+        let quote = *self
+            .s
+            .get(self.i)
+            .ok_or("expected a quoted value at the end")?;
         if quote != b'"' && quote != b'\'' {
             return Err(format!("expected a quoted value at offset {}", self.i));
         }
@@ -228,7 +231,14 @@ mod tests {
 
     #[test]
     fn refuses_garbage() {
-        for bad in ["all(", "zone = 'a'", "zone == a", "has(zone", "&&", "zone in {'a'"] {
+        for bad in [
+            "all(",
+            "zone = 'a'",
+            "zone == a",
+            "has(zone",
+            "&&",
+            "zone in {'a'",
+        ] {
             assert!(Selector::parse(bad).is_err(), "{bad} accepted");
         }
     }

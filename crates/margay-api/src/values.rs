@@ -325,7 +325,9 @@ impl FromStr for PortRange {
             None => (port(text)?, port(text)?),
         };
         if first > last {
-            return Err(format!("{text:?} is not a port range: {first} is above {last}"));
+            return Err(format!(
+                "{text:?} is not a port range: {first} is above {last}"
+            ));
         }
         Ok(PortRange {
             text: text.to_owned(),
@@ -370,17 +372,61 @@ macro_rules! bounded_int {
 
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let value = i128::deserialize(d)?;
-                if value < ($min as i128) || value > ($max as i128) {
-                    return Err(serde::de::Error::custom(format!(
-                        "{} is out of range (must be between {} and {})",
-                        value, $min, $max
-                    )));
-                }
+                let value = d.deserialize_any(IntegerVisitor {
+                    min: $min as i128,
+                    max: $max as i128,
+                })?;
                 Ok($name(value as $ty))
             }
         }
     };
+}
+
+/// Reads any integer and checks it against a range, with a message that says what is expected
+/// (rather than serde's "expected i128").
+struct IntegerVisitor {
+    min: i128,
+    max: i128,
+}
+
+impl IntegerVisitor {
+    fn check<E: serde::de::Error>(&self, value: i128) -> Result<i128, E> {
+        if value < self.min || value > self.max {
+            return Err(E::custom(format!(
+                "{value} is out of range (must be between {} and {})",
+                self.min, self.max
+            )));
+        }
+        Ok(value)
+    }
+}
+
+impl serde::de::Visitor<'_> for IntegerVisitor {
+    type Value = i128;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "an integer between {} and {}", self.min, self.max)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<i128, E> {
+        self.check(v.into())
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<i128, E> {
+        self.check(v.into())
+    }
+
+    fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<i128, E> {
+        self.check(v)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<i128, E> {
+        if v.fract() == 0.0 && v.abs() < 1e30 {
+            self.check(v as i128)
+        } else {
+            Err(E::custom(format!("{v} is not a whole number")))
+        }
+    }
 }
 
 bounded_int!(
@@ -433,7 +479,10 @@ mod tests {
             ("1h0m0s", 3600.0),
         ] {
             let d: GoDuration = text.parse().expect(text);
-            assert!((d.as_duration().as_secs_f64() - secs).abs() < 1e-9, "{text}");
+            assert!(
+                (d.as_duration().as_secs_f64() - secs).abs() < 1e-9,
+                "{text}"
+            );
         }
         for bad in ["", "10", "ten seconds", "1d", "-5s", "s"] {
             assert!(bad.parse::<GoDuration>().is_err(), "{bad:?} accepted");

@@ -12,10 +12,12 @@
 //! - **Compare-and-swap.** [`Op::Update`] and [`Op::Delete`] may name the revision they expect the
 //!   object to have; [`Op::Create`] expects the key to be absent. A commit is all or nothing: if
 //!   any precondition fails nothing is written and [`Error::Conflict`] / [`Error::AlreadyExists`] /
-//!   [`Error::NotFound`] names the first failing key.
+//!   [`Error::NotFound`] names the first failing key. As in etcd, a commit names each key at most
+//!   once ([`Error::Invalid`] otherwise), so no op depends on another op of the same commit.
 //! - **Metadata.** On create the backend sets `metadata.uid` and `metadata.creationTimestamp` when
 //!   they are absent; on update it keeps the stored ones (a client cannot change them). It never
-//!   stores `metadata.resourceVersion` inside the document; it fills it in on every read.
+//!   stores `metadata.resourceVersion` inside the document; it fills it in on every read, and
+//!   ignores one given in a written document (the expected revision of an op is what counts).
 //! - **No-op writes.** An update whose document equals the stored one (ignoring resourceVersion)
 //!   writes nothing, does not advance the revision and emits no event.
 //! - **Watch.** [`Datastore::watch`] from revision `R` delivers every change with a revision greater
@@ -125,7 +127,8 @@ pub struct Listing {
 pub struct ListRequest {
     /// `None` lists every kind.
     pub kind: Option<Kind>,
-    /// `None` lists every namespace (and the cluster-scoped objects when `kind` is `None`).
+    /// `None` lists every namespace (and the cluster-scoped objects when `kind` is `None`);
+    /// `Some(ns)` lists only objects in `ns`, so never a cluster-scoped one.
     pub namespace: Option<String>,
 }
 
@@ -144,7 +147,8 @@ pub struct WatchEvent {
     /// The revision of the commit that made the change.
     pub revision: Revision,
     pub key: Key,
-    /// The object after the change; for `Deleted`, the object as it was last stored.
+    /// The object after the change; for `Deleted`, the object as it was last stored (its
+    /// `metadata.resourceVersion` is the revision that last wrote it, not `revision`).
     pub value: Value,
 }
 
@@ -169,7 +173,11 @@ pub enum Error {
     #[error(
         "revision {requested} has been compacted (the oldest revision kept is {oldest}); list again"
     )]
-    Compacted { requested: Revision, oldest: Revision },
+    Compacted {
+        requested: Revision,
+        /// The oldest revision a watch can start from.
+        oldest: Revision,
+    },
     #[error("the datastore is unavailable: {0}")]
     Unavailable(String),
     #[error("the datastore holds a corrupt record for {key}: {reason}")]
@@ -200,7 +208,9 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     /// Streams every change after revision `from`; see the module documentation.
     async fn watch(&self, from: Revision) -> Result<WatchStream, Error>;
 
-    /// Forgets the history at and before `revision`; later watches from there get
-    /// [`Error::Compacted`]. Backends also compact on their own to bound their size.
+    /// Forgets the history at and before `revision`: a later `watch(r)` with `r < revision` gets
+    /// [`Error::Compacted`], while `watch(revision)` still works. Compacting at a revision already
+    /// compacted is a no-op; beyond the current revision it is [`Error::Invalid`]. Backends also
+    /// compact on their own to bound their size.
     async fn compact(&self, revision: Revision) -> Result<(), Error>;
 }

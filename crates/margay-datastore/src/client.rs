@@ -138,15 +138,16 @@ impl Client {
             .collect();
         let mut checked_namespaces = HashSet::new();
         for p in prepared {
-            if let Some(ns) = &p.key.namespace {
-                if !batch_namespaces.contains(ns.as_str()) && checked_namespaces.insert(ns.clone()) {
-                    let ns_key = Key::new(Kind::Namespace, None, ns);
-                    if let Err(Error::NotFound(_)) = self.store.get(&ns_key).await {
-                        return Err(ClientError::Refused(format!(
-                            "{}: namespace {ns:?} not found; create it first (margayctl create namespace {ns})",
-                            p.what
-                        )));
-                    }
+            if let Some(ns) = &p.key.namespace
+                && !batch_namespaces.contains(ns.as_str())
+                && checked_namespaces.insert(ns.clone())
+            {
+                let ns_key = Key::new(Kind::Namespace, None, ns);
+                if let Err(Error::NotFound(_)) = self.store.get(&ns_key).await {
+                    return Err(ClientError::Refused(format!(
+                        "{}: namespace {ns:?} not found; create it first (margayctl create namespace {ns})",
+                        p.what
+                    )));
                 }
             }
             if p.key.kind == Kind::IPPool {
@@ -190,27 +191,32 @@ impl Client {
     }
 
     /// Calico refuses IP pools that overlap: an address must have one pool.
-    async fn check_pool_overlap(&self, p: &Prepared, batch: &[Prepared]) -> Result<(), ClientError> {
+    async fn check_pool_overlap(
+        &self,
+        p: &Prepared,
+        batch: &[Prepared],
+    ) -> Result<(), ClientError> {
         let Some(mine) = pool_cidr(&p.value) else {
             return Ok(());
         };
         let stored = self.list(Kind::IPPool, None).await?;
-        let others = stored
-            .items
-            .iter()
-            .map(|s| (&s.key.name, &s.value))
-            .chain(batch.iter().filter(|b| b.key.kind == Kind::IPPool).map(|b| (&b.key.name, &b.value)));
+        let others = stored.items.iter().map(|s| (&s.key.name, &s.value)).chain(
+            batch
+                .iter()
+                .filter(|b| b.key.kind == Kind::IPPool)
+                .map(|b| (&b.key.name, &b.value)),
+        );
         for (name, value) in others {
             if *name == p.key.name {
                 continue;
             }
-            if let Some(theirs) = pool_cidr(value) {
-                if mine.contains(&theirs.network()) || theirs.contains(&mine.network()) {
-                    return Err(ClientError::Refused(format!(
-                        "{}: spec.cidr: {mine} overlaps IPPool {name} ({theirs})",
-                        p.what
-                    )));
-                }
+            if let Some(theirs) = pool_cidr(value)
+                && (mine.contains(&theirs.network()) || theirs.contains(&mine.network()))
+            {
+                return Err(ClientError::Refused(format!(
+                    "{}: spec.cidr: {mine} overlaps IPPool {name} ({theirs})",
+                    p.what
+                )));
             }
         }
         Ok(())
@@ -251,7 +257,11 @@ impl Client {
                             namespace: Some(key.name.clone()),
                         })
                         .await?;
-                    for item in contents.items.into_iter().filter(|i| i.key.kind.is_namespaced()) {
+                    for item in contents
+                        .items
+                        .into_iter()
+                        .filter(|i| i.key.kind.is_namespaced())
+                    {
                         if seen.insert(item.key.clone()) {
                             ops.push(Op::Delete {
                                 key: item.key,
@@ -272,7 +282,10 @@ impl Client {
                 Ok(deleted) => {
                     // Report what the user named, not the cascade.
                     let named: HashSet<&Key> = keys.iter().map(|(k, _)| k).collect();
-                    return Ok(deleted.into_iter().filter(|s| named.contains(&s.key)).collect());
+                    return Ok(deleted
+                        .into_iter()
+                        .filter(|s| named.contains(&s.key))
+                        .collect());
                 }
                 Err(Error::Conflict { key, .. })
                     if attempt < MAX_ATTEMPTS
@@ -319,21 +332,22 @@ impl Client {
             check_identity(&what, &current.value, &changed)?;
             let pinned = match changed["metadata"]["resourceVersion"].as_str() {
                 Some(rv) if rv != current.revision.to_string() => {
-                    Some(rv.parse::<Revision>().map_err(|_| {
-                        ClientError::Invalid {
-                            what: what.clone(),
-                            error: ValidationError::new(
-                                "metadata.resourceVersion",
-                                format!("{rv:?} is not a resourceVersion this datastore issued"),
-                            ),
-                        }
+                    Some(rv.parse::<Revision>().map_err(|_| ClientError::Invalid {
+                        what: what.clone(),
+                        error: ValidationError::new(
+                            "metadata.resourceVersion",
+                            format!("{rv:?} is not a resourceVersion this datastore issued"),
+                        ),
                     })?)
                 }
                 _ => None,
             };
             let namespace = key.namespace.as_deref().unwrap_or("default");
-            let resource = margay_api::prepare(changed, namespace)
-                .map_err(|error| ClientError::Invalid { what: what.clone(), error })?;
+            let resource =
+                margay_api::prepare(changed, namespace).map_err(|error| ClientError::Invalid {
+                    what: what.clone(),
+                    error,
+                })?;
             let op = Op::Update {
                 key: key.clone(),
                 value: without_resource_version(resource.to_value()),
@@ -368,7 +382,10 @@ struct Prepared {
     what: String,
 }
 
-fn prepare_all(manifests: Vec<Value>, default_namespace: &str) -> Result<Vec<Prepared>, ClientError> {
+fn prepare_all(
+    manifests: Vec<Value>,
+    default_namespace: &str,
+) -> Result<Vec<Prepared>, ClientError> {
     let count = manifests.len();
     let mut prepared: Vec<Prepared> = Vec::with_capacity(count);
     for (i, manifest) in manifests.into_iter().enumerate() {
@@ -378,8 +395,12 @@ fn prepare_all(manifests: Vec<Value>, default_namespace: &str) -> Result<Vec<Pre
             "resource".to_owned()
         };
         let what = describe_manifest(&manifest).unwrap_or(fallback);
-        let resource = margay_api::prepare(manifest, default_namespace)
-            .map_err(|error| ClientError::Invalid { what: what.clone(), error })?;
+        let resource = margay_api::prepare(manifest, default_namespace).map_err(|error| {
+            ClientError::Invalid {
+                what: what.clone(),
+                error,
+            }
+        })?;
         let key = key_of(&resource);
         let what = describe_key(&key);
         if prepared.iter().any(|p| p.key == key) {
@@ -438,10 +459,10 @@ fn without_resource_version(mut value: Value) -> Value {
 /// Status is written by agents and controllers; a user's manifest without one (the usual case)
 /// keeps the stored status rather than wiping it.
 fn keep_status(mut value: Value, current: &Value) -> Value {
-    if let (Some(map), Some(status)) = (value.as_object_mut(), current.get("status")) {
-        if !map.contains_key("status") {
-            map.insert("status".into(), status.clone());
-        }
+    if let (Some(map), Some(status)) = (value.as_object_mut(), current.get("status"))
+        && !map.contains_key("status")
+    {
+        map.insert("status".into(), status.clone());
     }
     value
 }
@@ -450,7 +471,11 @@ fn check_identity(what: &str, before: &Value, after: &Value) -> Result<(), Clien
     for (path, a, b) in [
         ("apiVersion", &before["apiVersion"], &after["apiVersion"]),
         ("kind", &before["kind"], &after["kind"]),
-        ("metadata.name", &before["metadata"]["name"], &after["metadata"]["name"]),
+        (
+            "metadata.name",
+            &before["metadata"]["name"],
+            &after["metadata"]["name"],
+        ),
         (
             "metadata.namespace",
             &before["metadata"]["namespace"],

@@ -19,4 +19,5 @@ pub use backend::{
 };
 pub use client::{Client, ClientError, WriteMode};
 pub use open::{DEFAULT_DATASTORE_URL, open};
-pub use sync::{SyncStatus, SyncUpdate};
+pub use sqlite::{SqliteDatastore, SqliteOptions};
+pub use sync::{SyncStatus, SyncStream, SyncUpdate};

@@ -60,7 +60,12 @@ pub struct WriteArgs {
 #[derive(Debug, Args)]
 pub struct DeleteArgs {
     /// A file naming the resources to delete, or - for standard input.
-    #[arg(short = 'f', long = "filename", value_name = "FILE", conflicts_with = "target")]
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "FILE",
+        conflicts_with = "target"
+    )]
     pub filename: Option<String>,
     /// Do not fail when a resource does not exist.
     #[arg(short = 's', long)]

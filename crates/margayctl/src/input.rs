@@ -73,7 +73,8 @@ fn flatten(doc: Value, out: &mut Vec<Value>) -> Result<()> {
         // calicoctl's typed lists may omit each item's apiVersion and kind.
         if let (Some(k), Some(map)) = (item_kind, item.as_object_mut()) {
             map.entry("kind").or_insert_with(|| k.into());
-            map.entry("apiVersion").or_insert_with(|| api_version.clone());
+            map.entry("apiVersion")
+                .or_insert_with(|| api_version.clone());
         }
         flatten(item, out)?;
     }

@@ -185,7 +185,11 @@ mod tests {
             {"metadata": {"name": "node-2"}, "status": {"addresses": [
                 {"type": "Hostname", "address": "node-2"}]}}]});
         assert_eq!(
-            render("{.items[*].status.addresses[?(@.type==\"Hostname\")].address}", &list).unwrap(),
+            render(
+                "{.items[*].status.addresses[?(@.type==\"Hostname\")].address}",
+                &list
+            )
+            .unwrap(),
             "node-1 node-2"
         );
         assert_eq!(
@@ -193,8 +197,14 @@ mod tests {
             "node-1\nnode-2\n"
         );
         let svc = json!({"status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}});
-        assert_eq!(render("{.status.loadBalancer.ingress[0].ip}", &svc).unwrap(), "198.51.100.1");
-        assert_eq!(render("ip={.status.loadBalancer.ingress[0].ip}!", &svc).unwrap(), "ip=198.51.100.1!");
+        assert_eq!(
+            render("{.status.loadBalancer.ingress[0].ip}", &svc).unwrap(),
+            "198.51.100.1"
+        );
+        assert_eq!(
+            render("ip={.status.loadBalancer.ingress[0].ip}!", &svc).unwrap(),
+            "ip=198.51.100.1!"
+        );
         assert!(render("{.items[", &list).is_err());
         assert!(render("{range .items[*]}", &list).is_err());
     }

@@ -104,7 +104,12 @@ fn table(kind: Kind, items: &[Stored], wide: bool, with_namespace: bool) -> Stri
         rows.push(row);
     }
     let widths: Vec<usize> = (0..rows[0].len())
-        .map(|c| rows.iter().map(|r| r.get(c).map_or(0, String::len)).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, String::len))
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for row in rows {
@@ -129,12 +134,22 @@ fn columns(kind: Kind) -> (Vec<&'static str>, Vec<&'static str>) {
         Kind::Installation => (vec!["NAME", "DATAPLANE"], vec!["HOSTPORTS"]),
         Kind::Namespace => (vec!["NAME", "AGE"], vec![]),
         Kind::Service => (
-            vec!["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"],
+            vec![
+                "NAME",
+                "TYPE",
+                "CLUSTER-IP",
+                "EXTERNAL-IP",
+                "PORT(S)",
+                "AGE",
+            ],
             vec!["SELECTOR"],
         ),
         Kind::ConfigMap => (vec!["NAME", "DATA", "AGE"], vec![]),
         Kind::Pod => (vec!["NAME", "READY", "STATUS", "AGE"], vec!["IP", "NODE"]),
-        Kind::EndpointSlice => (vec!["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"], vec![]),
+        Kind::EndpointSlice => (
+            vec!["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"],
+            vec![],
+        ),
         Kind::FelixConfiguration | Kind::ClusterInformation => (vec!["NAME"], vec![]),
     }
 }
@@ -172,10 +187,20 @@ fn cells(kind: Kind, v: &Value, wide: bool) -> Vec<String> {
         Kind::Namespace => (vec![name, age], vec![]),
         Kind::Service => {
             let ports = join(spec["ports"].as_array(), |p| {
-                let node_port = p["nodePort"].as_i64().map(|n| format!(":{n}")).unwrap_or_default();
-                format!("{}{}/{}", p["port"], node_port, or(text(&p["protocol"]), "TCP"))
+                let node_port = p["nodePort"]
+                    .as_i64()
+                    .map(|n| format!(":{n}"))
+                    .unwrap_or_default();
+                format!(
+                    "{}{}/{}",
+                    p["port"],
+                    node_port,
+                    or(text(&p["protocol"]), "TCP")
+                )
             });
-            let ingress = join(v["status"]["loadBalancer"]["ingress"].as_array(), |i| text(&i["ip"]));
+            let ingress = join(v["status"]["loadBalancer"]["ingress"].as_array(), |i| {
+                text(&i["ip"])
+            });
             let external_ips = join(spec["externalIPs"].as_array(), text);
             let external = match (ingress.as_str(), external_ips.as_str()) {
                 ("", "") if text(&spec["type"]) == "LoadBalancer" => "<pending>".to_owned(),

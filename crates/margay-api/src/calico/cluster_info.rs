@@ -10,7 +10,11 @@ pub type ClusterInformation = Object<ClusterInformationSpec>;
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterInformationSpec {
-    #[serde(rename = "clusterGUID", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "clusterGUID",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cluster_guid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_type: Option<String>,

@@ -268,10 +268,10 @@ impl FelixConfigurationSpec {
         let mut merged = to_json(&FelixConfigurationSpec::calico_defaults());
         for layer in layers.iter().rev() {
             let mut layer = to_json(layer);
-            if layer["bpfLogLevel"] == "" {
-                if let Some(map) = layer.as_object_mut() {
-                    map.remove("bpfLogLevel");
-                }
+            if layer["bpfLogLevel"] == ""
+                && let Some(map) = layer.as_object_mut()
+            {
+                map.remove("bpfLogLevel");
             }
             merge_json(&mut merged, layer);
         }
@@ -283,21 +283,22 @@ impl FelixConfigurationSpec {
         if let Some(name) = &self.wireguard_interface_name {
             check_interface_name("spec.wireguardInterfaceName", name)?;
         }
-        if let Some(mtu) = self.wireguard_mtu {
-            if mtu.0 != 0 && mtu.0 < 576 {
-                return fail(
-                    "spec.wireguardMTU",
-                    format!("{} is too small (0 for automatic, or at least 576)", mtu.0),
-                );
-            }
+        if let Some(mtu) = self.wireguard_mtu
+            && mtu.0 != 0
+            && mtu.0 < 576
+        {
+            return fail(
+                "spec.wireguardMTU",
+                format!("{} is too small (0 for automatic, or at least 576)", mtu.0),
+            );
         }
-        if let Some(path) = &self.cgroup_v2_path {
-            if !path.starts_with('/') {
-                return fail(
-                    "spec.cgroupV2Path",
-                    format!("{path:?} must be an absolute path"),
-                );
-            }
+        if let Some(path) = &self.cgroup_v2_path
+            && !path.starts_with('/')
+        {
+            return fail(
+                "spec.cgroupV2Path",
+                format!("{path:?} must be an absolute path"),
+            );
         }
         Ok(())
     }
@@ -320,11 +321,16 @@ fn merge_json(base: &mut Value, layer: Value) {
 
 /// Linux interface names: 1 to 15 bytes, no `/`, no white space.
 pub fn check_interface_name(path: &str, name: &str) -> Validation {
-    if name.is_empty() || name.len() > 15 || name.contains('/') || name.contains(char::is_whitespace)
+    if name.is_empty()
+        || name.len() > 15
+        || name.contains('/')
+        || name.contains(char::is_whitespace)
     {
         return fail(
             path,
-            format!("{name:?} is not a valid interface name (1 to 15 characters, no '/' or spaces)"),
+            format!(
+                "{name:?} is not a valid interface name (1 to 15 characters, no '/' or spaces)"
+            ),
         );
     }
     Ok(())
@@ -350,8 +356,14 @@ mod tests {
         let d = FelixConfigurationSpec::calico_defaults();
         assert_eq!(d.bpf_log_level.level(), BpfLogLevel::Off);
         assert_eq!(d.bpf_map_size_conntrack, Some(MapSize(512000)));
-        assert_eq!(d.bpf_external_service_mode, Some(ExternalServiceMode::Tunnel));
-        assert_eq!(d.wireguard_interface_name.as_deref(), Some("wireguard.cali"));
+        assert_eq!(
+            d.bpf_external_service_mode,
+            Some(ExternalServiceMode::Tunnel)
+        );
+        assert_eq!(
+            d.wireguard_interface_name.as_deref(),
+            Some("wireguard.cali")
+        );
         assert!(d.validate().is_ok());
     }
 
@@ -367,8 +379,14 @@ mod tests {
         assert_eq!(eff.bpf_log_level.level(), BpfLogLevel::Debug);
         assert_eq!(eff.bpf_enabled, Some(true));
         let ct = eff.bpf_conntrack_timeouts.unwrap();
-        assert_eq!(ct.udp_timeout, Some(ConntrackTimeout::Duration("30s".parse().unwrap())));
-        assert_eq!(ct.tcp_established, Some(ConntrackTimeout::Duration("1h".parse().unwrap())));
+        assert_eq!(
+            ct.udp_timeout,
+            Some(ConntrackTimeout::Duration("30s".parse().unwrap()))
+        );
+        assert_eq!(
+            ct.tcp_established,
+            Some(ConntrackTimeout::Duration("1h".parse().unwrap()))
+        );
         let only_global = FelixConfigurationSpec::effective(&[&global]);
         assert_eq!(only_global.bpf_log_level.level(), BpfLogLevel::Off);
     }

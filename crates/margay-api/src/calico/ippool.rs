@@ -35,7 +35,11 @@ pub struct IPPoolSpec {
     pub nat_outgoing: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disabled: Option<bool>,
-    #[serde(rename = "disableBGPExport", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "disableBGPExport",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub disable_bgp_export: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<String>,
@@ -70,7 +74,9 @@ impl IPPoolSpec {
             if block < min || block > max {
                 return fail(
                     "spec.blockSize",
-                    format!("{block} is out of range (must be between {min} and {max} for this pool)"),
+                    format!(
+                        "{block} is out of range (must be between {min} and {max} for this pool)"
+                    ),
                 );
             }
             if block < net.prefix_len() {
@@ -102,7 +108,10 @@ impl IPPoolSpec {
         if let Some(uses) = &self.allowed_uses {
             for (i, u) in uses.iter().enumerate() {
                 if uses[..i].contains(u) {
-                    return fail(format!("spec.allowedUses[{i}]"), format!("{u} is listed twice"));
+                    return fail(
+                        format!("spec.allowedUses[{i}]"),
+                        format!("{u} is listed twice"),
+                    );
                 }
             }
             if uses.contains(&AllowedUse::LoadBalancer) && uses.len() > 1 {

@@ -135,7 +135,10 @@ impl NodeSpec {
         }
         for (i, r) in self.orch_refs.iter().flatten().enumerate() {
             if r.orchestrator.is_empty() {
-                return fail(format!("spec.orchRefs[{i}].orchestrator"), "must not be empty");
+                return fail(
+                    format!("spec.orchRefs[{i}].orchestrator"),
+                    "must not be empty",
+                );
             }
         }
         Ok(())
@@ -144,13 +147,13 @@ impl NodeSpec {
 
 impl NodeStatus {
     pub fn validate(&self) -> Validation {
-        if let Some(key) = &self.wireguard_public_key {
-            if !is_wireguard_key(key) {
-                return fail(
-                    "status.wireguardPublicKey",
-                    format!("{key:?} is not a WireGuard public key (44 characters of base64)"),
-                );
-            }
+        if let Some(key) = &self.wireguard_public_key
+            && !is_wireguard_key(key)
+        {
+            return fail(
+                "status.wireguardPublicKey",
+                format!("{key:?} is not a WireGuard public key (44 characters of base64)"),
+            );
         }
         Ok(())
     }

@@ -47,13 +47,12 @@ pub async fn run(client: &Client, args: LabelArgs, namespace: Option<&str>) -> R
             for change in &changes {
                 match change {
                     Change::Set(k, v) => {
-                        if let Some(old) = labels.get(k).and_then(Value::as_str) {
-                            if old != v && !overwrite {
+                        if let Some(old) = labels.get(k).and_then(Value::as_str)
+                            && old != v && !overwrite {
                                 return Err(ClientError::Refused(format!(
                                     "label {k:?} already has value {old:?}; use --overwrite to change it"
                                 )));
                             }
-                        }
                         labels.insert(k.clone(), v.clone().into());
                     }
                     Change::Remove(k) => {
@@ -70,9 +69,17 @@ pub async fn run(client: &Client, args: LabelArgs, namespace: Option<&str>) -> R
         .await?;
     for change in &changes {
         match change {
-            Change::Set(k, _) => println!("Successfully set label {k} on {} {}", kind.plural(), args.name),
+            Change::Set(k, _) => println!(
+                "Successfully set label {k} on {} {}",
+                kind.plural(),
+                args.name
+            ),
             Change::Remove(k) => {
-                println!("Successfully removed label {k} from {} {}", kind.plural(), args.name)
+                println!(
+                    "Successfully removed label {k} from {} {}",
+                    kind.plural(),
+                    args.name
+                )
             }
         }
     }

@@ -50,7 +50,11 @@ pub fn namespace_for(kind: Kind, namespace: Option<&str>) -> Option<String> {
 /// calicoctl's summary: `'FelixConfiguration' resource(s)` when all share a kind.
 pub fn summary(verb: &str, kinds: &[Kind], plural_suffix: bool) -> String {
     let count = kinds.len();
-    let noun = if plural_suffix { "resource(s)" } else { "resource" };
+    let noun = if plural_suffix {
+        "resource(s)"
+    } else {
+        "resource"
+    };
     match kinds.first() {
         Some(first) if kinds.iter().all(|k| k == first) => {
             format!("Successfully {verb} {count} '{first}' {noun}")

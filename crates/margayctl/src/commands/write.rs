@@ -14,7 +14,12 @@ pub enum Verb {
     Replace,
 }
 
-pub async fn run(client: &Client, args: WriteArgs, namespace: Option<&str>, verb: Verb) -> Result<()> {
+pub async fn run(
+    client: &Client,
+    args: WriteArgs,
+    namespace: Option<&str>,
+    verb: Verb,
+) -> Result<()> {
     let manifests = read_manifests(&args.filename)?;
     // `margayctl replace felixconfiguration default -f f.yaml`: the file must hold exactly that.
     if let [kind, name] = args.target.as_slice() {

@@ -1,0 +1,587 @@
+//! margayctl end to end: the real binary against a real SQLite datastore in a temporary folder.
+//!
+//! Every bad-input case asserts two things: the command exits non-zero with one line on stderr,
+//! and the datastore is exactly as it was (same revision, same objects).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::{Value, json};
+
+/// A datastore in its own temporary folder, removed when the test ends.
+struct Env {
+    _dir: tempfile::TempDir,
+    url: String,
+    path: PathBuf,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("margay.db");
+        let url = format!("sqlite://{}", path.display());
+        let env = Env {
+            _dir: dir,
+            url,
+            path,
+        };
+        env.ok(&["version"]);
+        env
+    }
+
+    fn run_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_margayctl"))
+            .args(args)
+            .env("MARGAY_DATASTORE", &self.url)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn margayctl");
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input.as_bytes())
+                .expect("write stdin");
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().expect("wait")
+    }
+
+    fn ok_stdin(&self, args: &[&str], stdin: &str) -> String {
+        let out = self.run_with_stdin(args, Some(stdin));
+        assert!(
+            out.status.success(),
+            "margayctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf8")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run_with_stdin(args, None);
+        assert!(
+            out.status.success(),
+            "margayctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf8")
+    }
+
+    /// Runs a command that must fail, and checks it changed nothing. Returns the error line.
+    fn fails(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let before = self.dump();
+        let out = self.run_with_stdin(args, stdin);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success(),
+            "margayctl {args:?} succeeded but should have failed; stdout: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "expected one line on stderr, got {stderr:?}"
+        );
+        assert!(stderr.starts_with("Error: "), "{stderr:?}");
+        assert_eq!(
+            self.dump(),
+            before,
+            "margayctl {args:?} changed the datastore"
+        );
+        stderr.trim_end().to_owned()
+    }
+
+    /// Every object and the revision, read through a second, independent handle.
+    fn dump(&self) -> (u64, Vec<Value>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let store = margay_datastore::open(&self.url).await.expect("open");
+            let listing = store
+                .list(&margay_datastore::ListRequest::default())
+                .await
+                .expect("list");
+            (
+                listing.revision,
+                listing.items.into_iter().map(|s| s.value).collect(),
+            )
+        })
+    }
+
+    fn get_json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["get"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["-o", "json"]);
+        serde_json::from_str(&self.ok(&all)).expect("json")
+    }
+}
+
+#[test]
+fn a_fresh_datastore_holds_a_fresh_install() {
+    let env = Env::new();
+    let felix = env.get_json(&["felixconfiguration", "default"]);
+    assert_eq!(felix["spec"]["bpfLogLevel"], "");
+    assert_eq!(felix["spec"]["floatingIPs"], "Disabled");
+    assert_eq!(felix["spec"]["logSeverityScreen"], "Info");
+    assert_eq!(felix["spec"]["reportingInterval"], "0s");
+    let inst = env.get_json(&["installation.operator.tigera.io", "default"]);
+    assert_eq!(inst["spec"]["calicoNetwork"]["linuxDataplane"], "Iptables");
+    let info = env.get_json(&["clusterinformation", "default"]);
+    assert_eq!(info["spec"]["datastoreReady"], true);
+    let pools = env.get_json(&["ippools"]);
+    assert_eq!(pools["kind"], "IPPoolList");
+    assert_eq!(pools["items"][0]["spec"]["cidr"], "192.168.0.0/16");
+    assert_eq!(pools["items"][0]["spec"]["blockSize"], 26);
+    let table = env.ok(&["get", "ippool"]);
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(
+        table.contains("default-ipv4-ippool   192.168.0.0/16   all()"),
+        "{table}"
+    );
+    // Mode 0600: the datastore holds cluster configuration.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&env.path)
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn the_seed_configuration_steps() {
+    let env = Env::new();
+    // Step 2: disable WireGuard with a merge patch.
+    let out = env.ok(&[
+        "--allow-version-mismatch",
+        "patch",
+        "felixconfiguration",
+        "default",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"wireguardEnabled":false}}"#,
+    ]);
+    assert_eq!(
+        out,
+        "Successfully patched 1 'FelixConfiguration' resource\n"
+    );
+    // Step 7: keep kube-proxy's rules (calicoctl's default patch type).
+    env.ok(&[
+        "--allow-version-mismatch",
+        "patch",
+        "felixconfiguration",
+        "default",
+        r#"--patch={"spec": {"bpfKubeProxyIptablesCleanupEnabled": false}}"#,
+    ]);
+    let yaml = env.ok(&[
+        "--allow-version-mismatch",
+        "get",
+        "felixconfiguration",
+        "default",
+        "-o",
+        "yaml",
+    ]);
+    assert!(
+        yaml.contains("bpfKubeProxyIptablesCleanupEnabled: false"),
+        "{yaml}"
+    );
+    assert!(yaml.contains("wireguardEnabled: false"), "{yaml}");
+    // Step 8: the Installation's dataplane, with hostPorts cleared by a null.
+    env.ok(&[
+        "patch",
+        "installation.operator.tigera.io",
+        "default",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"calicoNetwork":{"linuxDataplane":"BPF", "hostPorts":null}}}"#,
+    ]);
+    let inst = env.get_json(&["installation", "default"]);
+    assert_eq!(inst["spec"]["calicoNetwork"]["linuxDataplane"], "BPF");
+    assert!(inst["spec"]["calicoNetwork"].get("hostPorts").is_none());
+    // Reversal: back to Iptables, and the cleanup option removed with a null.
+    env.ok(&[
+        "patch",
+        "installation.operator.tigera.io",
+        "default",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"calicoNetwork":{"linuxDataplane":"Iptables"}}}"#,
+    ]);
+    env.ok(&[
+        "patch",
+        "felixconfiguration",
+        "default",
+        r#"--patch={"spec": {"bpfKubeProxyIptablesCleanupEnabled": null}}"#,
+    ]);
+    let yaml = env.ok(&["get", "felixconfiguration", "default", "-o", "yaml"]);
+    assert!(
+        !yaml.contains("bpfKubeProxyIptablesCleanupEnabled"),
+        "{yaml}"
+    );
+    assert!(yaml.contains("bpfLogLevel: ''"), "{yaml}");
+    assert!(yaml.contains("wireguardEnabled: false"), "{yaml}");
+    // Step 5's ConfigMap, and its deletion in the reversal.
+    let cm = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: tigera-operator\n---\nkind: ConfigMap\napiVersion: v1\nmetadata:\n  name: kubernetes-services-endpoint\n  namespace: tigera-operator\ndata:\n  KUBERNETES_SERVICE_HOST: \"10.224.0.4\"\n  KUBERNETES_SERVICE_PORT: \"443\"\n";
+    env.ok_stdin(&["apply", "-f", "-"], cm);
+    let host = env.ok(&[
+        "get",
+        "cm",
+        "kubernetes-services-endpoint",
+        "-n",
+        "tigera-operator",
+        "-o",
+        "jsonpath={.data.KUBERNETES_SERVICE_HOST}",
+    ]);
+    assert_eq!(host, "10.224.0.4");
+    env.ok(&[
+        "delete",
+        "cm",
+        "-n",
+        "tigera-operator",
+        "kubernetes-services-endpoint",
+    ]);
+}
+
+#[test]
+fn get_yaml_applies_back_unchanged() {
+    let env = Env::new();
+    for (kind, name) in [
+        ("felixconfiguration", Some("default")),
+        ("installation", Some("default")),
+        ("ippools", None),
+        ("clusterinformation", Some("default")),
+    ] {
+        let mut args = vec!["get", kind];
+        args.extend(name);
+        args.extend(["-o", "yaml"]);
+        let before_yaml = env.ok(&args);
+        let before = env.dump();
+        let out = env.ok_stdin(&["apply", "-f", "-"], &before_yaml);
+        assert!(out.starts_with("Successfully applied"), "{out}");
+        assert_eq!(env.dump(), before, "applying {kind} back changed the store");
+        assert_eq!(env.ok(&args), before_yaml);
+        // And as JSON.
+        let mut args = vec!["get", kind];
+        args.extend(name);
+        args.extend(["-o", "json"]);
+        let json_text = env.ok(&args);
+        env.ok_stdin(&["replace", "-f", "-"], &json_text);
+        assert_eq!(env.dump(), before);
+    }
+}
+
+#[test]
+fn create_apply_replace_delete_with_multi_document_files() {
+    let env = Env::new();
+    let manifests = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: yaobank
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: yaobank-customer
+  namespace: yaobank
+spec:
+  selector:
+    app: customer
+  ports:
+  - port: 80
+    targetPort: 80
+  type: LoadBalancer
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: kubernetes-services-endpoint
+  namespace: yaobank
+data:
+  KUBERNETES_SERVICE_HOST: "api.example"
+  KUBERNETES_SERVICE_PORT: "443"
+"#;
+    let out = env.ok_stdin(&["create", "-f", "-"], manifests);
+    assert_eq!(out, "Successfully created 3 resource(s)\n");
+    let svc = env.get_json(&["svc", "yaobank-customer", "-n", "yaobank"]);
+    assert_eq!(svc["spec"]["externalTrafficPolicy"], "Cluster");
+    let table = env.ok(&["get", "svc", "-A"]);
+    assert!(table.contains("NAMESPACE"), "{table}");
+    assert!(table.contains("yaobank-customer"), "{table}");
+    assert!(table.contains("<pending>"), "{table}");
+    let cms = env.ok(&["get", "cm", "-n", "yaobank", "-o", "name"]);
+    assert_eq!(cms, "configmap/kubernetes-services-endpoint\n");
+    // Creating again fails whole.
+    let err = env.fails(&["create", "-f", "-"], Some(manifests));
+    assert!(err.contains("already exists"), "{err}");
+    // Apply of the same content is accepted and writes nothing new.
+    let before = env.dump();
+    env.ok_stdin(&["apply", "-f", "-"], manifests);
+    assert_eq!(env.dump(), before);
+    // JSON List input.
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "projectcalico.org/v3", "kind": "IPPool",
+         "metadata": {"name": "loadbalancer"},
+         "spec": {"cidr": "198.51.100.0/24", "allowedUses": ["LoadBalancer"]}}]});
+    env.ok_stdin(&["apply", "-f", "-"], &list.to_string());
+    let pool = env.get_json(&["ippool", "loadbalancer"]);
+    assert_eq!(pool["spec"]["allowedUses"], json!(["LoadBalancer"]));
+    // Delete by name, then a namespace and what is in it.
+    assert_eq!(
+        env.ok(&["delete", "ippool", "loadbalancer"]),
+        "Successfully deleted 1 'IPPool' resource(s)\n"
+    );
+    env.ok(&["delete", "ns", "yaobank"]);
+    assert_eq!(env.ok(&["get", "svc", "-A", "-o", "name"]), "");
+    // Skip-not-exists.
+    env.ok(&["delete", "ippool", "loadbalancer", "--skip-not-exists"]);
+}
+
+#[test]
+fn every_bad_input_fails_cleanly_and_changes_nothing() {
+    let env = Env::new();
+    // Move FelixConfiguration default past revision 1, so that "1" below is stale.
+    env.ok(&["label", "felixconfig", "default", "stage=one"]);
+    let felix = |spec: &str| {
+        format!(
+            "apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata:\n  name: default\nspec:\n{spec}\n"
+        )
+    };
+    let cases: Vec<(Vec<&str>, Option<String>, &str)> = vec![
+        // Malformed YAML and JSON.
+        (vec!["apply", "-f", "-"], Some("kind: [unclosed\n".into()), "invalid YAML"),
+        (vec!["apply", "-f", "-"], Some("{\"kind\": ".into()), "invalid JSON"),
+        // Unknown kind.
+        (
+            vec!["apply", "-f", "-"],
+            Some("apiVersion: v1\nkind: Widget\nmetadata: {name: w}\n".into()),
+            "unknown kind \"Widget\"",
+        ),
+        (vec!["get", "widgets"], None, "unknown resource type"),
+        // Unknown field.
+        (vec!["apply", "-f", "-"], Some(felix("  bpfEnable: true")), "spec.bpfEnable: unknown field"),
+        // Invalid value.
+        (
+            vec!["apply", "-f", "-"],
+            Some(felix("  bpfLogLevel: Loud")),
+            "FelixConfiguration default: spec.bpfLogLevel: \"Loud\" is not one of Off, Info, Debug",
+        ),
+        // A valid document followed by an invalid one: neither is written.
+        (
+            vec!["apply", "-f", "-"],
+            Some(format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: fresh}}\n---\n{}",
+                felix("  reportingInterval: often")
+            )),
+            "spec.reportingInterval",
+        ),
+        // A failing merge patch (invalid result) and a failing JSON patch test.
+        (
+            vec!["patch", "felixconfig", "default", "--type", "merge", "-p", r#"{"spec":{"bpfLogLevel":"Loud"}}"#],
+            None,
+            "spec.bpfLogLevel",
+        ),
+        (
+            vec![
+                "patch", "felixconfig", "default", "--type", "json", "-p",
+                r#"[{"op":"replace","path":"/spec/logSeverityScreen","value":"Debug"},{"op":"test","path":"/spec/floatingIPs","value":"Enabled"}]"#,
+            ],
+            None,
+            "json patch failed",
+        ),
+        (vec!["patch", "felixconfig", "default", "-p", "{not json"], None, "not valid JSON or YAML"),
+        (vec!["patch", "felixconfig", "default", "--type", "xml", "-p", "{}"], None, "not a patch type"),
+        (
+            vec!["patch", "felixconfig", "default", "--type", "merge", "-p", r#"{"metadata":{"name":"other"}}"#],
+            None,
+            "cannot be renamed",
+        ),
+        // A name in the file that differs from the command line.
+        (
+            vec!["replace", "felixconfiguration", "default", "-f", "-"],
+            Some(felix("  bpfLogLevel: Debug").replace("name: default", "name: other")),
+            "the command line names FelixConfiguration \"default\"",
+        ),
+        // Missing resources.
+        (vec!["get", "ippool", "nope"], None, "IPPool nope not found"),
+        (vec!["delete", "ippool", "nope"], None, "IPPool nope not found"),
+        (vec!["patch", "ippool", "nope", "-p", "{}"], None, "IPPool nope not found"),
+        (
+            vec!["replace", "-f", "-"],
+            Some("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: nope}\nspec: {cidr: 10.9.0.0/16}\n".into()),
+            "IPPool nope not found",
+        ),
+        // A stale resourceVersion.
+        (
+            vec!["apply", "-f", "-"],
+            Some(felix("  bpfLogLevel: Debug").replace("name: default", "name: default\n  resourceVersion: \"1\"")),
+            "stale",
+        ),
+        // Cross-object rules.
+        (
+            vec!["apply", "-f", "-"],
+            Some("apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: inner}\nspec: {cidr: 192.168.8.0/24}\n".into()),
+            "overlaps IPPool default-ipv4-ippool",
+        ),
+        (
+            vec!["apply", "-f", "-"],
+            Some("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ghost}\nspec: {ports: [{port: 80}]}\n".into()),
+            "namespace \"ghost\" not found",
+        ),
+        (vec!["delete", "ns", "kube-system"], None, "system namespace"),
+        (
+            vec!["patch", "installation", "default", "--type", "merge", "-p", r#"{"spec":{"calicoNetwork":{"linuxDataplane":"VPP"}}}"#],
+            None,
+            "VPP is a Calico dataplane that Margay does not run yet",
+        ),
+        (vec!["label", "ippool", "default-ipv4-ippool", "bad key=x"], None, "not a valid key"),
+        (vec!["get", "ippool", "-o", "xml"], None, "unknown output format"),
+        (vec!["apply", "-f", "/nonexistent/file.yaml"], None, "cannot read /nonexistent/file.yaml"),
+    ];
+    for (args, stdin, expected) in cases {
+        let err = env.fails(&args, stdin.as_deref());
+        assert!(
+            err.contains(expected),
+            "margayctl {args:?}: {err:?} does not mention {expected:?}"
+        );
+    }
+}
+
+#[test]
+fn patch_types() {
+    let env = Env::new();
+    // JSON patch (RFC 6902) with a passing test.
+    env.ok(&[
+        "patch", "felixconfig", "default", "--type", "json", "-p",
+        r#"[{"op":"test","path":"/spec/floatingIPs","value":"Disabled"},{"op":"add","path":"/spec/bpfLogLevel","value":"Debug"}]"#,
+    ]);
+    assert_eq!(
+        env.get_json(&["felixconfig", "default"])["spec"]["bpfLogLevel"],
+        "Debug"
+    );
+    // Strategic (the default) merges like a merge patch.
+    env.ok(&[
+        "patch",
+        "felixconfig",
+        "default",
+        "-p",
+        r#"{"spec":{"bpfEnabled":true}}"#,
+    ]);
+    let spec = env.get_json(&["felixconfig", "default"])["spec"].clone();
+    assert_eq!(spec["bpfEnabled"], true);
+    assert_eq!(spec["bpfLogLevel"], "Debug");
+    // Merge with null removes.
+    env.ok(&[
+        "patch",
+        "felixconfig",
+        "default",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"bpfEnabled":null}}"#,
+    ]);
+    assert!(
+        env.get_json(&["felixconfig", "default"])["spec"]
+            .get("bpfEnabled")
+            .is_none()
+    );
+    // YAML patches, as kubectl takes them.
+    env.ok(&[
+        "patch",
+        "ippool",
+        "default-ipv4-ippool",
+        "-p",
+        "spec:\n  natOutgoing: false\n",
+    ]);
+    assert_eq!(
+        env.get_json(&["ippool", "default-ipv4-ippool"])["spec"]["natOutgoing"],
+        false
+    );
+}
+
+#[test]
+fn labels_and_jsonpath() {
+    let env = Env::new();
+    let out = env.ok(&["label", "ippool", "default-ipv4-ippool", "zone=a"]);
+    assert_eq!(
+        out,
+        "Successfully set label zone on ippools default-ipv4-ippool\n"
+    );
+    let err = env.fails(&["label", "ippool", "default-ipv4-ippool", "zone=b"], None);
+    assert!(err.contains("--overwrite"), "{err}");
+    env.ok(&[
+        "label",
+        "ippool",
+        "default-ipv4-ippool",
+        "zone=b",
+        "--overwrite",
+    ]);
+    let path = env.ok(&[
+        "get",
+        "ippools",
+        "-o",
+        "jsonpath={.items[*].metadata.labels.zone}",
+    ]);
+    assert_eq!(path, "b");
+    env.ok(&["label", "ippool", "default-ipv4-ippool", "zone", "--remove"]);
+    env.ok(&["label", "ippool", "default-ipv4-ippool", "team=net"]);
+    env.ok(&["label", "ippool", "default-ipv4-ippool", "team-"]);
+    let labels = env.get_json(&["ippool", "default-ipv4-ippool"])["metadata"]["labels"].clone();
+    assert_eq!(labels, json!({}));
+    let range = env.ok(&[
+        "get",
+        "felixconfig",
+        "-o",
+        r#"jsonpath={range .items[*]}{.metadata.name}{"\n"}{end}"#,
+    ]);
+    assert_eq!(range, "default\n");
+}
+
+#[test]
+fn concurrent_patches_from_many_processes_all_land() {
+    let env = Env::new();
+    // Each process sets its own label through a merge patch, at the same time as the others.
+    let count = 16;
+    let children: Vec<_> = (0..count)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_margayctl"))
+                .args([
+                    "patch",
+                    "felixconfig",
+                    "default",
+                    "--type",
+                    "merge",
+                    "-p",
+                    &format!(r#"{{"metadata":{{"labels":{{"writer-{i}":"done"}}}}}}"#),
+                ])
+                .env("MARGAY_DATASTORE", &env.url)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let labels = env.get_json(&["felixconfig", "default"])["metadata"]["labels"].clone();
+    for i in 0..count {
+        assert_eq!(
+            labels[format!("writer-{i}")],
+            "done",
+            "writer {i} lost: {labels}"
+        );
+    }
+}
