@@ -20,6 +20,8 @@ pub enum Kind {
     ConfigMap,
     Pod,
     EndpointSlice,
+    IPAMBlock,
+    BlockAffinity,
 }
 
 /// The API groups our kinds belong to.
@@ -27,10 +29,11 @@ pub const CALICO_API_VERSION: &str = "projectcalico.org/v3";
 pub const OPERATOR_API_VERSION: &str = "operator.tigera.io/v1";
 pub const CORE_API_VERSION: &str = "v1";
 pub const DISCOVERY_API_VERSION: &str = "discovery.k8s.io/v1";
+pub const CALICO_CRD_API_VERSION: &str = "crd.projectcalico.org/v1";
 
 impl Kind {
     /// Every kind, in the order `margayctl get all`-style listings use.
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 12] = [
         Kind::FelixConfiguration,
         Kind::Node,
         Kind::IPPool,
@@ -41,6 +44,8 @@ impl Kind {
         Kind::ConfigMap,
         Kind::Pod,
         Kind::EndpointSlice,
+        Kind::IPAMBlock,
+        Kind::BlockAffinity,
     ];
 
     /// The `kind:` field of a manifest.
@@ -56,6 +61,8 @@ impl Kind {
             Kind::ConfigMap => "ConfigMap",
             Kind::Pod => "Pod",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::IPAMBlock => "IPAMBlock",
+            Kind::BlockAffinity => "BlockAffinity",
         }
     }
 
@@ -68,6 +75,7 @@ impl Kind {
             Kind::Installation => OPERATOR_API_VERSION,
             Kind::Namespace | Kind::Service | Kind::ConfigMap | Kind::Pod => CORE_API_VERSION,
             Kind::EndpointSlice => DISCOVERY_API_VERSION,
+            Kind::IPAMBlock | Kind::BlockAffinity => CALICO_CRD_API_VERSION,
         }
     }
 
@@ -84,6 +92,8 @@ impl Kind {
             Kind::ConfigMap => "configmaps",
             Kind::Pod => "pods",
             Kind::EndpointSlice => "endpointslices",
+            Kind::IPAMBlock => "ipamblocks",
+            Kind::BlockAffinity => "blockaffinities",
         }
     }
 
@@ -172,6 +182,16 @@ impl Kind {
                 "endpointslices",
                 "endpointslice.discovery.k8s.io",
                 "endpointslices.discovery.k8s.io",
+            ],
+            Kind::IPAMBlock => &[
+                "ipamblock",
+                "ipamblocks",
+                "ipamblocks.crd.projectcalico.org",
+            ],
+            Kind::BlockAffinity => &[
+                "blockaffinity",
+                "blockaffinities",
+                "blockaffinities.crd.projectcalico.org",
             ],
         }
     }

@@ -8,7 +8,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::calico::{ClusterInformation, FelixConfiguration, IPPool, Node};
+use crate::calico::{
+    BlockAffinity, ClusterInformation, FelixConfiguration, IPAMBlock, IPPool, Node,
+};
 use crate::error::{ValidationError, fail, join_path};
 use crate::kind::Kind;
 use crate::names::{check_label_key, check_labels};
@@ -33,6 +35,8 @@ pub enum Resource {
     ConfigMap(ConfigMap),
     Pod(Pod),
     EndpointSlice(EndpointSlice),
+    IPAMBlock(IPAMBlock),
+    BlockAffinity(BlockAffinity),
 }
 
 /// Dispatches an expression over every variant.
@@ -49,6 +53,8 @@ macro_rules! each {
             Resource::ConfigMap($r) => $e,
             Resource::Pod($r) => $e,
             Resource::EndpointSlice($r) => $e,
+            Resource::IPAMBlock($r) => $e,
+            Resource::BlockAffinity($r) => $e,
         }
     };
 }
@@ -66,6 +72,8 @@ impl Resource {
             Resource::ConfigMap(_) => Kind::ConfigMap,
             Resource::Pod(_) => Kind::Pod,
             Resource::EndpointSlice(_) => Kind::EndpointSlice,
+            Resource::IPAMBlock(_) => Kind::IPAMBlock,
+            Resource::BlockAffinity(_) => Kind::BlockAffinity,
         }
     }
 
@@ -168,6 +176,14 @@ impl Resource {
             Resource::ConfigMap(r) => k8s::validate_config_map(r),
             Resource::Pod(r) => k8s::validate_pod(r),
             Resource::EndpointSlice(r) => k8s::validate_endpoint_slice(r),
+            Resource::IPAMBlock(r) => {
+                calico::ipam::validate_name(name)?;
+                r.spec.validate()
+            }
+            Resource::BlockAffinity(r) => {
+                calico::ipam::validate_name(name)?;
+                r.spec.validate()
+            }
         }
     }
 }
@@ -228,6 +244,8 @@ fn read_typed(kind: Kind, value: Value) -> Result<Resource, ValidationError> {
         Kind::ConfigMap => Resource::ConfigMap(read(value)?),
         Kind::Pod => Resource::Pod(read(value)?),
         Kind::EndpointSlice => Resource::EndpointSlice(read(value)?),
+        Kind::IPAMBlock => Resource::IPAMBlock(read(value)?),
+        Kind::BlockAffinity => Resource::BlockAffinity(read(value)?),
     })
 }
 

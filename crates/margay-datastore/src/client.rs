@@ -19,6 +19,7 @@ use margay_api::{Kind, Resource, ValidationError};
 use serde_json::Value;
 
 use crate::backend::{Datastore, Error, Key, ListRequest, Listing, Op, Revision, Stored};
+use crate::registry::Allocations;
 
 /// How many times a read-compute-commit is retried when other writers keep winning.
 const MAX_ATTEMPTS: usize = 64;
@@ -112,11 +113,21 @@ impl Client {
         for attempt in 1..=MAX_ATTEMPTS {
             let ops = self.plan(&prepared, mode).await?;
             match self.store.commit(ops).await {
-                Ok(stored) => return Ok(stored),
+                // Report what was asked for, not the allocation lock the registry added.
+                Ok(mut stored) => {
+                    stored.truncate(prepared.len());
+                    return Ok(stored);
+                }
                 // Someone changed an object between our read and our commit, and the user did not
                 // pin a resourceVersion: read again and retry.
                 Err(Error::Conflict { key, .. })
                     if attempt < MAX_ATTEMPTS && !pinned(&prepared, &key) =>
+                {
+                    continue;
+                }
+                // Two first allocations raced to create the registry's lock object.
+                Err(Error::AlreadyExists(key))
+                    if attempt < MAX_ATTEMPTS && crate::registry::is_lock(&key) =>
                 {
                     continue;
                 }
@@ -137,6 +148,11 @@ impl Client {
             .map(|p| p.key.name.as_str())
             .collect();
         let mut checked_namespaces = HashSet::new();
+        let mut allocations = if prepared.iter().any(|p| p.key.kind == Kind::Service) {
+            Some(Allocations::load(self.store.as_ref()).await?)
+        } else {
+            None
+        };
         for p in prepared {
             if let Some(ns) = &p.key.namespace
                 && !batch_namespaces.contains(ns.as_str())
@@ -158,6 +174,15 @@ impl Client {
                 Err(Error::NotFound(_)) => None,
                 Err(e) => return Err(e.into()),
             };
+            let mut value = match &current {
+                Some(current) => keep_status(p.value.clone(), &current.value),
+                None => without_resource_version(p.value.clone()),
+            };
+            if let Some(allocations) = allocations.as_mut() {
+                if p.key.kind == Kind::Service {
+                    allocations.assign(&p.key, &mut value, current.as_ref().map(|c| &c.value))?;
+                }
+            }
             let op = match (mode, current) {
                 (WriteMode::Create, Some(_)) => {
                     return Err(Error::AlreadyExists(p.key.clone()).into());
@@ -171,21 +196,24 @@ impl Client {
                     }
                     Op::Create {
                         key: p.key.clone(),
-                        value: p.value.clone(),
+                        value,
                     }
                 }
                 (WriteMode::Replace, None) => return Err(Error::NotFound(p.key.clone()).into()),
                 (WriteMode::Apply, None) => Op::Create {
                     key: p.key.clone(),
-                    value: without_resource_version(p.value.clone()),
+                    value,
                 },
                 (WriteMode::Replace | WriteMode::Apply, Some(current)) => Op::Update {
                     key: p.key.clone(),
-                    value: keep_status(p.value.clone(), &current.value),
+                    value,
                     expected: Some(p.pinned_revision.unwrap_or(current.revision)),
                 },
             };
             ops.push(op);
+        }
+        if let Some(lock) = allocations.as_ref().and_then(Allocations::lock_op) {
+            ops.push(lock);
         }
         Ok(ops)
     }
@@ -328,7 +356,10 @@ impl Client {
         let what = describe_key(key);
         for attempt in 1..=MAX_ATTEMPTS {
             let current = self.store.get(key).await?;
-            let changed = change(&current.value)?;
+            let mut changed = change(&current.value)?;
+            if key.kind == Kind::Service {
+                crate::registry::drop_type_dependent_fields(&current.value, &mut changed);
+            }
             check_identity(&what, &current.value, &changed)?;
             let pinned = match changed["metadata"]["resourceVersion"].as_str() {
                 Some(rv) if rv != current.revision.to_string() => {
@@ -348,18 +379,33 @@ impl Client {
                     what: what.clone(),
                     error,
                 })?;
-            let op = Op::Update {
-                key: key.clone(),
-                value: without_resource_version(resource.to_value()),
-                expected: Some(pinned.unwrap_or(current.revision)),
-            };
-            match self.store.commit(vec![op]).await {
-                Ok(mut stored) => {
-                    return stored.pop().ok_or_else(|| {
+            let mut value = without_resource_version(resource.to_value());
+            let mut ops = Vec::with_capacity(2);
+            if key.kind == Kind::Service {
+                let mut allocations = Allocations::load(self.store.as_ref()).await?;
+                allocations.assign(key, &mut value, Some(&current.value))?;
+                ops.extend(allocations.lock_op());
+            }
+            ops.insert(
+                0,
+                Op::Update {
+                    key: key.clone(),
+                    value,
+                    expected: Some(pinned.unwrap_or(current.revision)),
+                },
+            );
+            match self.store.commit(ops).await {
+                Ok(stored) => {
+                    return stored.into_iter().next().ok_or_else(|| {
                         ClientError::Refused("the datastore returned nothing".into())
                     });
                 }
                 Err(Error::Conflict { .. }) if pinned.is_none() && attempt < MAX_ATTEMPTS => {
+                    continue;
+                }
+                Err(Error::AlreadyExists(key))
+                    if attempt < MAX_ATTEMPTS && crate::registry::is_lock(&key) =>
+                {
                     continue;
                 }
                 Err(e) => return Err(e.into()),

@@ -10,6 +10,7 @@ pub mod client;
 #[cfg(any(test, feature = "contract-tests"))]
 pub mod contract;
 pub mod open;
+pub mod registry;
 pub mod sqlite;
 pub mod sync;
 

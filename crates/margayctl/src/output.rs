@@ -150,6 +150,8 @@ fn columns(kind: Kind) -> (Vec<&'static str>, Vec<&'static str>) {
             vec!["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"],
             vec![],
         ),
+        Kind::IPAMBlock => (vec!["NAME", "CIDR", "AFFINITY", "IN-USE"], vec![]),
+        Kind::BlockAffinity => (vec!["NAME", "NODE", "CIDR", "STATE"], vec![]),
         Kind::FelixConfiguration | Kind::ClusterInformation => (vec!["NAME"], vec![]),
     }
 }
@@ -276,6 +278,30 @@ fn cells(kind: Kind, v: &Value, wide: bool) -> Vec<String> {
                 vec![],
             )
         }
+        Kind::IPAMBlock => {
+            let in_use = spec["allocations"]
+                .as_array()
+                .map_or(0, |a| a.iter().filter(|x| !x.is_null()).count());
+            let size = spec["allocations"].as_array().map_or(0, Vec::len);
+            (
+                vec![
+                    name,
+                    text(&spec["cidr"]),
+                    text(&spec["affinity"]),
+                    format!("{in_use}/{size}"),
+                ],
+                vec![],
+            )
+        }
+        Kind::BlockAffinity => (
+            vec![
+                name,
+                text(&spec["node"]),
+                text(&spec["cidr"]),
+                text(&spec["state"]),
+            ],
+            vec![],
+        ),
         Kind::FelixConfiguration | Kind::ClusterInformation => (vec![name], vec![]),
     };
     if wide {

@@ -585,3 +585,173 @@ fn concurrent_patches_from_many_processes_all_land() {
         );
     }
 }
+
+#[test]
+fn the_first_allocations_race_safely() {
+    // No Service has been allocated yet, so the registry's lock object does not exist: the
+    // concurrent writers race to create it, and every one of them must still succeed.
+    let env = Env::new();
+    let children: Vec<_> = (0..6)
+        .map(|i| {
+            let manifest = format!("apiVersion: v1\nkind: Service\nmetadata: {{name: r{i}}}\nspec: {{ports: [{{port: 80}}]}}\n");
+            let mut child = Command::new(env!("CARGO_BIN_EXE_margayctl"))
+                .args(["create", "-f", "-"])
+                .env("MARGAY_DATASTORE", &env.url)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn");
+            child.stdin.take().expect("stdin").write_all(manifest.as_bytes()).expect("write");
+            child
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let all = env.get_json(&["svc"]);
+    let ips: std::collections::HashSet<String> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["spec"]["clusterIP"].to_string())
+        .collect();
+    assert_eq!(ips.len(), 6, "{ips:?}");
+}
+
+#[test]
+fn services_get_addresses_and_ports_like_kube_apiserver_gives_them() {
+    let env = Env::new();
+    let lb_pool = "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: lb}\nspec: {cidr: 198.51.100.0/24, allowedUses: [LoadBalancer]}\n";
+    env.ok_stdin(&["apply", "-f", "-"], lb_pool);
+    let services = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: kube-dns, namespace: kube-system}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {k8s-app: kube-dns}
+  ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: front}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {app: web}
+  ports: [{port: 80}]
+"#;
+    env.ok_stdin(&["apply", "-f", "-"], services);
+    let dns = env.get_json(&["svc", "kube-dns", "-n", "kube-system"]);
+    assert_eq!(dns["spec"]["clusterIP"], "10.96.0.10");
+    let web = env.get_json(&["svc", "web"]);
+    let web_ip = web["spec"]["clusterIP"].as_str().unwrap().to_owned();
+    assert!(web_ip.starts_with("10.96."), "{web_ip}");
+    let web_np = web["spec"]["ports"][0]["nodePort"].as_i64().unwrap();
+    assert!((30000..=32767).contains(&web_np));
+    let front = env.get_json(&["svc", "front"]);
+    assert_ne!(front["spec"]["clusterIP"], web["spec"]["clusterIP"]);
+    assert_ne!(
+        front["spec"]["ports"][0]["nodePort"],
+        web["spec"]["ports"][0]["nodePort"]
+    );
+    assert!(front["spec"]["healthCheckNodePort"].as_i64().is_some());
+    assert_eq!(
+        front["status"]["loadBalancer"]["ingress"][0]["ip"],
+        "198.51.100.1"
+    );
+    // Re-applying the manifests keeps every allocation.
+    env.ok_stdin(&["apply", "-f", "-"], services);
+    assert_eq!(env.get_json(&["svc", "web"])["spec"], web["spec"]);
+    assert_eq!(env.get_json(&["svc", "front"])["status"], front["status"]);
+    // Taken and immutable addresses are refused, and change nothing.
+    let taken = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: other}}\nspec: {{clusterIP: {web_ip}, ports: [{{port: 80}}]}}\n"
+    );
+    let err = env.fails(&["apply", "-f", "-"], Some(&taken));
+    assert!(
+        err.contains("is already allocated to Service default/web"),
+        "{err}"
+    );
+    let err = env.fails(
+        &[
+            "patch",
+            "svc",
+            "web",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"clusterIP":"10.96.5.5"}}"#,
+        ],
+        None,
+    );
+    assert!(err.contains("immutable"), "{err}");
+    // Changing the type to ClusterIP frees the NodePort; changing it back allocates again.
+    env.ok(&[
+        "patch",
+        "svc",
+        "web",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"type":"ClusterIP"}}"#,
+    ]);
+    assert!(
+        env.get_json(&["svc", "web"])["spec"]["ports"][0]
+            .get("nodePort")
+            .is_none()
+    );
+    // Many processes creating Services at once never share an address.
+    let children: Vec<_> = (0..8)
+        .map(|i| {
+            let manifest = format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{type: NodePort, ports: [{{port: 80}}]}}\n");
+            let mut child = Command::new(env!("CARGO_BIN_EXE_margayctl"))
+                .args(["create", "-f", "-"])
+                .env("MARGAY_DATASTORE", &env.url)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn");
+            child.stdin.take().expect("stdin").write_all(manifest.as_bytes()).expect("write");
+            child
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let all = env.get_json(&["svc", "-A"]);
+    let mut ips = std::collections::HashSet::new();
+    let mut ports = std::collections::HashSet::new();
+    for s in all["items"].as_array().unwrap() {
+        assert!(
+            ips.insert(s["spec"]["clusterIP"].to_string()),
+            "duplicate ClusterIP {}",
+            s["spec"]["clusterIP"]
+        );
+        for p in s["spec"]["ports"].as_array().unwrap() {
+            if let Some(np) = p["nodePort"].as_i64() {
+                assert!(ports.insert(np), "duplicate NodePort {np}");
+            }
+        }
+    }
+}
