@@ -178,10 +178,10 @@ impl Client {
                 Some(current) => keep_status(p.value.clone(), &current.value),
                 None => without_resource_version(p.value.clone()),
             };
-            if let Some(allocations) = allocations.as_mut() {
-                if p.key.kind == Kind::Service {
-                    allocations.assign(&p.key, &mut value, current.as_ref().map(|c| &c.value))?;
-                }
+            if let Some(allocations) = allocations.as_mut()
+                && p.key.kind == Kind::Service
+            {
+                allocations.assign(&p.key, &mut value, current.as_ref().map(|c| &c.value))?;
             }
             let op = match (mode, current) {
                 (WriteMode::Create, Some(_)) => {

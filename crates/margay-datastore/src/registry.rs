@@ -55,17 +55,20 @@ pub struct Allocations {
 
 impl Allocations {
     pub async fn load(store: &dyn Datastore) -> Result<Allocations, Error> {
-        let mut a = Allocations::default();
         // The lock is read before the Services: a writer that commits in between advances the
         // lock too, so our commit against the lock revision read here will conflict and re-plan.
         // Read after, it could show the new lock revision with a listing that predates it.
-        a.lock = match store
+        let lock = match store
             .get(&Key::new(Kind::ConfigMap, Some(LOCK_NAMESPACE), LOCK_NAME))
             .await
         {
             Ok(s) => Some(s),
             Err(Error::NotFound(_)) => None,
             Err(e) => return Err(e),
+        };
+        let mut a = Allocations {
+            lock,
+            ..Allocations::default()
         };
         let services = store
             .list(&ListRequest {
@@ -233,7 +236,7 @@ impl Allocations {
                     let np = NODE_PORT_RANGE
                         .clone()
                         .find(|np| {
-                            self.node_ports.get(&(*np, proto.clone())).is_none()
+                            !self.node_ports.contains_key(&(*np, proto.clone()))
                                 && !self.health_ports.contains_key(np)
                         })
                         .ok_or_else(|| {
