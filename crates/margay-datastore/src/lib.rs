@@ -9,6 +9,7 @@ pub mod backend;
 pub mod client;
 #[cfg(any(test, feature = "contract-tests"))]
 pub mod contract;
+pub mod ipam;
 pub mod open;
 pub mod registry;
 pub mod sqlite;
