@@ -4,7 +4,8 @@
 
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, PodSpec, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -329,28 +330,7 @@ pub fn validate_pod(pod: &Pod) -> Validation {
         pod.metadata.name.as_deref().unwrap_or_default(),
     )?;
     if let Some(spec) = &pod.spec {
-        if spec.containers.is_empty() {
-            return fail("spec.containers", "at least one container is required");
-        }
-        for (i, c) in spec.containers.iter().enumerate() {
-            let path = format!("spec.containers[{i}]");
-            check_label_name(&format!("{path}.name"), &c.name)?;
-            for (j, p) in c.ports.iter().flatten().enumerate() {
-                check_port(
-                    &format!("{path}.ports[{j}].containerPort"),
-                    p.container_port,
-                )?;
-                if let Some(hp) = p.host_port {
-                    check_port(&format!("{path}.ports[{j}].hostPort"), hp)?;
-                }
-                if let Some(proto) = &p.protocol {
-                    one_of(&format!("{path}.ports[{j}].protocol"), proto, &PROTOCOLS)?;
-                }
-            }
-        }
-        if let Some(node) = &spec.node_name {
-            check_subdomain("spec.nodeName", node)?;
-        }
+        validate_pod_spec("spec", spec)?;
     }
     if let Some(status) = &pod.status {
         if let Some(ip) = &status.pod_ip {
@@ -364,6 +344,77 @@ pub fn validate_pod(pod: &Pod) -> Validation {
         }
     }
     Ok(())
+}
+
+fn validate_pod_spec(path: &str, spec: &PodSpec) -> Validation {
+    if spec.containers.is_empty() {
+        return fail(
+            format!("{path}.containers"),
+            "at least one container is required",
+        );
+    }
+    for (i, c) in spec.containers.iter().enumerate() {
+        let cpath = format!("{path}.containers[{i}]");
+        check_label_name(&format!("{cpath}.name"), &c.name)?;
+        for (j, p) in c.ports.iter().flatten().enumerate() {
+            check_port(
+                &format!("{cpath}.ports[{j}].containerPort"),
+                p.container_port,
+            )?;
+            if let Some(hp) = p.host_port {
+                check_port(&format!("{cpath}.ports[{j}].hostPort"), hp)?;
+            }
+            if let Some(proto) = &p.protocol {
+                one_of(&format!("{cpath}.ports[{j}].protocol"), proto, &PROTOCOLS)?;
+            }
+        }
+    }
+    if let Some(node) = &spec.node_name {
+        check_subdomain(&format!("{path}.nodeName"), node)?;
+    }
+    Ok(())
+}
+
+// === Deployment ===
+
+pub fn validate_deployment(d: &Deployment) -> Validation {
+    check_subdomain(
+        "metadata.name",
+        d.metadata.name.as_deref().unwrap_or_default(),
+    )?;
+    let Some(spec) = &d.spec else {
+        return fail("spec", "is required");
+    };
+    if let Some(replicas) = spec.replicas
+        && replicas < 0
+    {
+        return fail("spec.replicas", format!("{replicas} must not be negative"));
+    }
+    let selector = spec.selector.match_labels.clone().unwrap_or_default();
+    if selector.is_empty() {
+        return fail(
+            "spec.selector.matchLabels",
+            "is required (matchExpressions are not supported)",
+        );
+    }
+    check_labels("spec.selector.matchLabels", Some(&selector))?;
+    let labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    check_labels("spec.template.metadata.labels", Some(&labels))?;
+    if let Some((k, v)) = selector.iter().find(|(k, v)| labels.get(*k) != Some(*v)) {
+        return fail(
+            "spec.template.metadata.labels",
+            format!("the selector {k}={v} does not match the template's labels"),
+        );
+    }
+    match &spec.template.spec {
+        Some(pod) => validate_pod_spec("spec.template.spec", pod),
+        None => fail("spec.template.spec", "is required"),
+    }
 }
 
 // === Namespace and ConfigMap ===

@@ -22,6 +22,7 @@ pub enum Kind {
     EndpointSlice,
     IPAMBlock,
     BlockAffinity,
+    Deployment,
 }
 
 /// The API groups our kinds belong to.
@@ -30,10 +31,11 @@ pub const OPERATOR_API_VERSION: &str = "operator.tigera.io/v1";
 pub const CORE_API_VERSION: &str = "v1";
 pub const DISCOVERY_API_VERSION: &str = "discovery.k8s.io/v1";
 pub const CALICO_CRD_API_VERSION: &str = "crd.projectcalico.org/v1";
+pub const APPS_API_VERSION: &str = "apps/v1";
 
 impl Kind {
     /// Every kind, in the order `margayctl get all`-style listings use.
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 13] = [
         Kind::FelixConfiguration,
         Kind::Node,
         Kind::IPPool,
@@ -46,6 +48,7 @@ impl Kind {
         Kind::EndpointSlice,
         Kind::IPAMBlock,
         Kind::BlockAffinity,
+        Kind::Deployment,
     ];
 
     /// The `kind:` field of a manifest.
@@ -63,6 +66,7 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::IPAMBlock => "IPAMBlock",
             Kind::BlockAffinity => "BlockAffinity",
+            Kind::Deployment => "Deployment",
         }
     }
 
@@ -76,6 +80,7 @@ impl Kind {
             Kind::Namespace | Kind::Service | Kind::ConfigMap | Kind::Pod => CORE_API_VERSION,
             Kind::EndpointSlice => DISCOVERY_API_VERSION,
             Kind::IPAMBlock | Kind::BlockAffinity => CALICO_CRD_API_VERSION,
+            Kind::Deployment => APPS_API_VERSION,
         }
     }
 
@@ -94,6 +99,7 @@ impl Kind {
             Kind::EndpointSlice => "endpointslices",
             Kind::IPAMBlock => "ipamblocks",
             Kind::BlockAffinity => "blockaffinities",
+            Kind::Deployment => "deployments",
         }
     }
 
@@ -101,7 +107,7 @@ impl Kind {
     pub fn is_namespaced(self) -> bool {
         matches!(
             self,
-            Kind::Service | Kind::ConfigMap | Kind::Pod | Kind::EndpointSlice
+            Kind::Service | Kind::ConfigMap | Kind::Pod | Kind::EndpointSlice | Kind::Deployment
         )
     }
 
@@ -192,6 +198,13 @@ impl Kind {
                 "blockaffinity",
                 "blockaffinities",
                 "blockaffinities.crd.projectcalico.org",
+            ],
+            Kind::Deployment => &[
+                "deployment",
+                "deployments",
+                "deploy",
+                "deployment.apps",
+                "deployments.apps",
             ],
         }
     }

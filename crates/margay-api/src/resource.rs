@@ -1,6 +1,7 @@
 //! One type for every resource, and the path a manifest takes before it may be stored:
 //! kind check, typed read (naming the field at fault), unknown-field check, defaults, validation.
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -37,6 +38,7 @@ pub enum Resource {
     EndpointSlice(EndpointSlice),
     IPAMBlock(IPAMBlock),
     BlockAffinity(BlockAffinity),
+    Deployment(Deployment),
 }
 
 /// Dispatches an expression over every variant.
@@ -55,6 +57,7 @@ macro_rules! each {
             Resource::EndpointSlice($r) => $e,
             Resource::IPAMBlock($r) => $e,
             Resource::BlockAffinity($r) => $e,
+            Resource::Deployment($r) => $e,
         }
     };
 }
@@ -74,6 +77,7 @@ impl Resource {
             Resource::EndpointSlice(_) => Kind::EndpointSlice,
             Resource::IPAMBlock(_) => Kind::IPAMBlock,
             Resource::BlockAffinity(_) => Kind::BlockAffinity,
+            Resource::Deployment(_) => Kind::Deployment,
         }
     }
 
@@ -184,6 +188,7 @@ impl Resource {
                 calico::ipam::validate_name(name)?;
                 r.spec.validate()
             }
+            Resource::Deployment(r) => k8s::validate_deployment(r),
         }
     }
 }
@@ -246,6 +251,7 @@ fn read_typed(kind: Kind, value: Value) -> Result<Resource, ValidationError> {
         Kind::EndpointSlice => Resource::EndpointSlice(read(value)?),
         Kind::IPAMBlock => Resource::IPAMBlock(read(value)?),
         Kind::BlockAffinity => Resource::BlockAffinity(read(value)?),
+        Kind::Deployment => Resource::Deployment(read(value)?),
     })
 }
 
@@ -589,5 +595,22 @@ mod tests {
             err(pod),
             "status.podIP: \"192.168.0.300\" is not an IP address"
         );
+    }
+
+    #[test]
+    fn deployments() {
+        let d = |labels: Value| {
+            json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "customer", "namespace": "yaobank"},
+                "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "customer"}},
+                    "template": {"metadata": {"labels": labels},
+                        "spec": {"containers": [{"name": "customer",
+                            "image": "spikecurtis/yaobank-customer:latest",
+                            "ports": [{"containerPort": 80}]}]}}}})
+        };
+        assert!(prepare(d(json!({"app": "customer"})), "default").is_ok());
+        assert!(err(d(json!({"app": "summary"}))).starts_with(
+            "spec.template.metadata.labels: the selector app=customer does not match"
+        ));
     }
 }

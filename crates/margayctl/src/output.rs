@@ -151,6 +151,10 @@ fn columns(kind: Kind) -> (Vec<&'static str>, Vec<&'static str>) {
             vec![],
         ),
         Kind::IPAMBlock => (vec!["NAME", "CIDR", "AFFINITY", "IN-USE"], vec![]),
+        Kind::Deployment => (
+            vec!["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"],
+            vec![],
+        ),
         Kind::BlockAffinity => (vec!["NAME", "NODE", "CIDR", "STATE"], vec![]),
         Kind::FelixConfiguration | Kind::ClusterInformation => (vec!["NAME"], vec![]),
     }
@@ -302,6 +306,22 @@ fn cells(kind: Kind, v: &Value, wide: bool) -> Vec<String> {
             ],
             vec![],
         ),
+        Kind::Deployment => {
+            let replicas = spec["replicas"].as_i64().unwrap_or(1);
+            let ready = v["status"]["readyReplicas"].as_i64().unwrap_or(0);
+            let updated = v["status"]["updatedReplicas"].as_i64().unwrap_or(0);
+            let available = v["status"]["availableReplicas"].as_i64().unwrap_or(0);
+            (
+                vec![
+                    name,
+                    format!("{ready}/{replicas}"),
+                    updated.to_string(),
+                    available.to_string(),
+                    age,
+                ],
+                vec![],
+            )
+        }
         Kind::FelixConfiguration | Kind::ClusterInformation => (vec![name], vec![]),
     };
     if wide {
