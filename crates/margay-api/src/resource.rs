@@ -20,11 +20,6 @@ use crate::{calico, k8s, operator};
 
 /// Any resource Margay stores.
 #[derive(Clone, Debug, PartialEq)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "a Resource is built once per write and moved, never stored in bulk; boxing the \
-              large Kubernetes variants would complicate every match for no measurable gain"
-)]
 pub enum Resource {
     FelixConfiguration(FelixConfiguration),
     Node(Node),
