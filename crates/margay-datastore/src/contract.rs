@@ -109,6 +109,7 @@ checks![
     sync_lists_then_follows,
     sync_waits_until_the_store_can_be_listed,
     sync_resync_emits_only_real_changes,
+    sync_reports_progress_after_whole_commits,
     concurrent_commits_get_distinct_revisions,
     concurrent_compare_and_swap_loses_no_update,
 ];
@@ -194,6 +195,7 @@ macro_rules! datastore_contract_tests {
             sync_lists_then_follows,
             sync_waits_until_the_store_can_be_listed,
             sync_resync_emits_only_real_changes,
+            sync_reports_progress_after_whole_commits,
             concurrent_commits_get_distinct_revisions,
             concurrent_compare_and_swap_loses_no_update,
         );
@@ -388,7 +390,18 @@ fn event(event_type: EventType, revision: Revision, stored: &Stored) -> WatchEve
     }
 }
 
+/// The next update other than progress reports (checked on their own by
+/// `sync_reports_progress_after_whole_commits`).
 async fn next_update(stream: &mut SyncStream) -> SyncUpdate {
+    loop {
+        match next_update_or_progress(stream).await {
+            SyncUpdate::Progress(_) => continue,
+            update => return update,
+        }
+    }
+}
+
+async fn next_update_or_progress(stream: &mut SyncStream) -> SyncUpdate {
     tokio::time::timeout(EVENT_TIMEOUT, stream.next())
         .await
         .unwrap_or_else(|_| panic!("no sync update within {EVENT_TIMEOUT:?}"))
@@ -420,6 +433,7 @@ fn upserts_and_removes(updates: &[SyncUpdate]) -> (BTreeSet<String>, BTreeSet<St
                 removes.insert(key.to_string());
             }
             SyncUpdate::Status(status) => panic!("unexpected {status:?}"),
+            SyncUpdate::Progress(_) => {}
         }
     }
     (upserts, removes)
@@ -1257,6 +1271,55 @@ pub async fn sync_lists_then_follows(f: Fixture) {
     ] {
         assert_eq!(next_update(&mut updates).await, expected);
     }
+}
+
+/// `sync` reports progress after the listing and after the last change of every commit, also
+/// for commits of kinds it does not follow, and never in the middle of a commit: a consumer that
+/// waits for progress R has seen every change up to R.
+pub async fn sync_reports_progress_after_whole_commits(f: Fixture) {
+    let writer = &f.second;
+    let p1 = create(writer, ippool("p1", "10.0.0.0/16")).await;
+    let mut updates = sync(Arc::clone(&f.first), vec![Kind::IPPool]);
+    let mut seen = Vec::new();
+    loop {
+        match next_update_or_progress(&mut updates).await {
+            SyncUpdate::Status(SyncStatus::InSync) => break,
+            u => seen.push(u),
+        }
+    }
+    assert_eq!(
+        seen.last(),
+        Some(&SyncUpdate::Progress(p1.revision)),
+        "{seen:?}"
+    );
+
+    // Two pools in one commit: both upserts come before the progress report of that commit.
+    let both = writer
+        .commit(vec![
+            create_op(ippool("p2", "10.1.0.0/16")),
+            create_op(ippool("p3", "10.2.0.0/16")),
+        ])
+        .await
+        .unwrap();
+    let revision = both[0].revision;
+    let mut upserts = 0;
+    loop {
+        match next_update_or_progress(&mut updates).await {
+            SyncUpdate::Upsert(_) => upserts += 1,
+            SyncUpdate::Progress(r) => {
+                assert_eq!(r, revision);
+                assert_eq!(upserts, 2, "progress reported in the middle of a commit");
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // A commit of a kind not followed still advances the progress.
+    let n = create(writer, node("node-1")).await;
+    assert_eq!(
+        next_update_or_progress(&mut updates).await,
+        SyncUpdate::Progress(n.revision)
+    );
 }
 
 /// While the store cannot be listed the status stays WaitingForDatastore.

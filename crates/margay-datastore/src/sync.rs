@@ -49,6 +49,11 @@ pub enum SyncUpdate {
     Upsert(Stored),
     /// The object is gone (only emitted for objects previously upserted).
     Remove(Key),
+    /// The updates emitted so far reflect the whole store at this revision (every kind, not
+    /// only the followed ones): a consumer that has applied them is up to date with any write
+    /// that returned this revision or an earlier one. Emitted after each listing and after the
+    /// last change of each commit.
+    Progress(Revision),
 }
 
 /// The stream [`sync`] returns.
@@ -58,6 +63,9 @@ pub type SyncStream = Pin<Box<dyn Stream<Item = SyncUpdate> + Send>>;
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest delay between retries.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long the watch may stay quiet before the last change seen counts as the end of its
+/// commit (the changes of one commit arrive back to back).
+const COMMIT_SETTLE: Duration = Duration::from_millis(15);
 /// A failure this long after the previous one starts the back-off afresh.
 const BACKOFF_RESET: Duration = Duration::from_secs(30);
 
@@ -106,6 +114,9 @@ enum Phase {
     Watch {
         from: Revision,
         stream: Option<WatchStream>,
+        /// The revision of the last change applied, not yet reported as [`SyncUpdate::Progress`]
+        /// because more changes of the same commit may follow.
+        unreported: Option<Revision>,
     },
 }
 
@@ -135,8 +146,13 @@ impl Syncer {
                     Ok(listing) => {
                         let from = listing.revision;
                         self.apply_listing(listing);
+                        self.out.push_back(SyncUpdate::Progress(from));
                         self.out.push_back(SyncUpdate::Status(SyncStatus::InSync));
-                        self.phase = Phase::Watch { from, stream: None };
+                        self.phase = Phase::Watch {
+                            from,
+                            stream: None,
+                            unreported: None,
+                        };
                     }
                     Err(e) => {
                         let delay = self.next_backoff();
@@ -148,7 +164,11 @@ impl Syncer {
                     }
                 }
             }
-            Phase::Watch { from, stream } => {
+            Phase::Watch {
+                from,
+                stream,
+                unreported,
+            } => {
                 let mut stream = match stream {
                     Some(stream) => stream,
                     None => match self.ds.watch(from).await {
@@ -156,13 +176,37 @@ impl Syncer {
                         Err(e) => return self.lost(e),
                     },
                 };
-                match stream.next().await {
+                let next = match unreported {
+                    // A commit's changes arrive back to back: a short quiet spell ends it.
+                    Some(revision) => {
+                        match tokio::time::timeout(COMMIT_SETTLE, stream.next()).await {
+                            Ok(next) => next,
+                            Err(_) => {
+                                self.out.push_back(SyncUpdate::Progress(revision));
+                                self.phase = Phase::Watch {
+                                    from,
+                                    stream: Some(stream),
+                                    unreported: None,
+                                };
+                                return;
+                            }
+                        }
+                    }
+                    None => stream.next().await,
+                };
+                match next {
                     Some(Ok(event)) => {
+                        if let Some(previous) = unreported
+                            && event.revision > previous
+                        {
+                            self.out.push_back(SyncUpdate::Progress(previous));
+                        }
                         let from = event.revision;
                         self.apply_event(event);
                         self.phase = Phase::Watch {
                             from,
                             stream: Some(stream),
+                            unreported: Some(from),
                         };
                     }
                     Some(Err(e)) => self.lost(e),
