@@ -1,0 +1,19 @@
+//! Margay's pure desired-state calculation: resources in, dataplane state out. No I/O, no clock,
+//! no randomness, so every output can be pinned by a golden test that needs no root.
+//!
+//! - [`kube_proxy`]: the Iptables dataplane's Service rules, exactly as kube-proxy's iptables
+//!   mode writes them ([`kube_proxy_ruleset`]).
+//! - [`nat_outgoing`]: Calico's natOutgoing masquerade for pod pools.
+//! - [`model`]: the [`Ruleset`] both produce and the iptables-restore text that applies it
+//!   ([`ruleset_to_restore`], [`RestorePlan`]).
+//! - [`scenario`]: a node context plus resources as one YAML document (golden tests, lab).
+
+pub mod kube_proxy;
+pub mod model;
+pub mod nat_outgoing;
+pub mod scenario;
+
+pub use kube_proxy::{NodeContext, kube_proxy_ruleset};
+pub use model::{Jump, RestorePlan, Ruleset, Table, TablePlan, TableRules, ruleset_to_restore};
+pub use nat_outgoing::nat_outgoing_rules;
+pub use scenario::Scenario;
