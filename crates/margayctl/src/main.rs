@@ -6,9 +6,6 @@
 
 mod cli;
 mod commands;
-mod input;
-mod jsonpath;
-mod output;
 
 use std::process::ExitCode;
 

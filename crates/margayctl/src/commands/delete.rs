@@ -6,7 +6,7 @@ use margay_datastore::{Client, Key};
 
 use super::{namespace_for, parse_kind, summary};
 use crate::cli::DeleteArgs;
-use crate::input::read_manifests;
+use margayctl::input::read_manifests;
 
 pub async fn run(client: &Client, args: DeleteArgs, namespace: Option<&str>) -> Result<()> {
     let mut keys = Vec::new();

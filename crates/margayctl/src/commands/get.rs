@@ -7,7 +7,7 @@ use margay_datastore::{Client, Key};
 
 use super::{namespace_for, parse_kind};
 use crate::cli::GetArgs;
-use crate::output::{Format, render};
+use margayctl::output::{Format, render};
 
 pub async fn run(client: &Client, args: GetArgs, namespace: Option<&str>) -> Result<()> {
     let kind = parse_kind(&args.kind)?;

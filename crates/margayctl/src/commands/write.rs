@@ -5,7 +5,7 @@ use margay_datastore::{Client, WriteMode};
 
 use super::{parse_kind, summary};
 use crate::cli::WriteArgs;
-use crate::input::read_manifests;
+use margayctl::input::read_manifests;
 
 #[derive(Clone, Copy, Debug)]
 pub enum Verb {

@@ -1,0 +1,334 @@
+//! The agent's loop: follow the datastore (list + watch with a sync status), and after the first
+//! complete read, program the dataplane from the copy whenever it changes, at most once per
+//! minimum sync period.
+//!
+//! Nothing is written to the dataplane before the datastore has been read completely once
+//! ([`SyncStatus::InSync`]): programming from a half-read store would, for example, reject
+//! traffic to Services not read yet. While the datastore is unreachable the dataplane is left
+//! as it is and the agent reports "not in sync".
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use margay_api::operator::LinuxDataplane;
+use margay_datastore::{Client, SyncStatus, SyncUpdate};
+use serde_json::json;
+
+use crate::cache::{Cache, KINDS};
+use crate::health::{AgentStatus, HealthCheckServers, SharedStatus};
+use crate::proxy::ProxyDataplane;
+use crate::routes::{RouteDriver, desired_routes};
+
+/// How the agent was started.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node: String,
+    pub datastore_url: String,
+    pub node_ip: Ipv4Addr,
+    pub node_prefix_len: u8,
+    pub health_listen: SocketAddr,
+    /// Where to write the agent's status after every sync (for the lab and for humans).
+    pub status_file: Option<PathBuf>,
+}
+
+/// How often the Node's status is refreshed even when nothing changed (last sync time).
+const STATUS_HEARTBEAT: Duration = Duration::from_secs(60);
+
+pub async fn run(config: AgentConfig) -> Result<()> {
+    let status: SharedStatus = Arc::new(std::sync::RwLock::new(AgentStatus {
+        node: config.node.clone(),
+        datastore: "WaitingForDatastore".into(),
+        dataplane: "Iptables".into(),
+        ..AgentStatus::default()
+    }));
+    {
+        let status = status.clone();
+        let addr = config.health_listen;
+        tokio::spawn(async move {
+            if let Err(e) = crate::health::serve_agent_health(addr, status).await {
+                tracing::error!(error = %e, "health server stopped");
+            }
+        });
+    }
+
+    // As kube-proxy does: NodePorts answer on 127.0.0.1 too, which needs local addresses routed.
+    if let Err(e) = std::fs::write("/proc/sys/net/ipv4/conf/all/route_localnet", "1") {
+        tracing::warn!(error = %e, "cannot enable route_localnet; NodePorts on 127.0.0.1 will not answer");
+    }
+    let store = margay_datastore::open(&config.datastore_url)
+        .await
+        .with_context(|| format!("cannot open the datastore {}", config.datastore_url))?;
+    let client = Client::new(store.clone());
+    register_until_done(&client, &config).await;
+
+    let mut agent = Agent {
+        config: config.clone(),
+        client,
+        status: status.clone(),
+        cache: Cache::default(),
+        routes: RouteDriver::default(),
+        proxy: ProxyDataplane::new(),
+        health_checks: HealthCheckServers::default(),
+        last_node_status: None,
+        last_status_write: None,
+    };
+
+    let mut updates = margay_datastore::sync::sync(store, KINDS.to_vec());
+    let mut in_sync = false;
+    let mut dirty = false;
+    let mut last_sync: Option<Instant> = None;
+    loop {
+        let min_period = agent
+            .cache
+            .felix(&config.node)
+            .bpf_kube_proxy_min_sync_period
+            .map(|d| d.as_duration())
+            .unwrap_or(Duration::from_secs(1));
+        // Run at once after a quiet period, else no sooner than min_period after the last sync
+        // (kube-proxy's bounded-frequency runner).
+        let due = last_sync.map_or(Instant::now(), |t| t + min_period);
+        let heartbeat =
+            last_sync.map_or(Instant::now() + STATUS_HEARTBEAT, |t| t + STATUS_HEARTBEAT);
+        tokio::select! {
+            update = updates.next() => {
+                let Some(update) = update else { break };
+                match update {
+                    SyncUpdate::Status(s) => {
+                        let name = format!("{s:?}");
+                        tracing::info!(status = %name, "datastore sync status");
+                        if let Ok(mut st) = status.write() {
+                            st.datastore = name;
+                        }
+                        if s == SyncStatus::InSync {
+                            in_sync = true;
+                            dirty = true;
+                        }
+                    }
+                    SyncUpdate::Upsert(stored) => {
+                        agent.cache.upsert(stored);
+                        dirty = true;
+                    }
+                    SyncUpdate::Remove(key) => {
+                        agent.cache.remove(&key);
+                        dirty = true;
+                    }
+                    SyncUpdate::Progress(revision) => {
+                        agent.cache.revision = revision;
+                        // Nothing waiting to be programmed: the dataplane already reflects it.
+                        if !dirty && in_sync {
+                            agent.report_progress(revision);
+                        }
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(due.into()), if dirty && in_sync => {
+                dirty = false;
+                last_sync = Some(Instant::now());
+                agent.sync_dataplane().await;
+            }
+            _ = tokio::time::sleep_until(heartbeat.into()), if in_sync => {
+                last_sync = Some(Instant::now());
+                agent.sync_dataplane().await;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The datastore may not be up yet when the agent starts: keep trying, saying so.
+async fn register_until_done(client: &Client, config: &AgentConfig) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match crate::node::register(client, &config.node, config.node_ip, config.node_prefix_len)
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(node = %config.node, ip = %config.node_ip, "registered Node");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot register the Node yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+struct Agent {
+    config: AgentConfig,
+    client: Client,
+    status: SharedStatus,
+    cache: Cache,
+    routes: RouteDriver,
+    proxy: ProxyDataplane,
+    health_checks: HealthCheckServers,
+    last_node_status: Option<serde_json::Value>,
+    last_status_write: Option<Instant>,
+}
+
+impl Agent {
+    /// Records that the dataplane reflects `revision` (no change since the last sync mattered).
+    fn report_progress(&mut self, revision: u64) {
+        let snapshot = match self.status.write() {
+            Ok(mut st) if st.syncs > 0 && st.last_error.is_none() => {
+                st.synced_revision = revision;
+                st.clone()
+            }
+            _ => return,
+        };
+        if let Some(path) = &self.config.status_file {
+            write_status_file(path, &snapshot);
+        }
+    }
+
+    /// Computes the desired dataplane from the copy and applies the difference. Failures are
+    /// logged and reported, and retried at the next sync; the previous state stays in place.
+    async fn sync_dataplane(&mut self) {
+        let started = Instant::now();
+        let revision = self.cache.revision;
+        let node = self.config.node.clone();
+        let requested = self.cache.requested_dataplane(&node);
+        let mut message = None;
+        if requested != LinuxDataplane::Iptables {
+            message = Some(format!(
+                "{requested} was requested, but this agent runs only the Iptables dataplane so far; staying in Iptables"
+            ));
+        }
+
+        let mut errors = Vec::new();
+        let blocks = self.cache.blocks();
+        let node_ips = self.cache.node_ips();
+        let routes = desired_routes(&node, &blocks, &node_ips);
+        let route_changes = match self.routes.apply(&routes).await {
+            Ok(n) => n,
+            Err(e) => {
+                errors.push(format!("routes: {e:#}"));
+                0
+            }
+        };
+        let services = self.cache.services();
+        let slices = self.cache.endpoint_slices();
+        let pools = self.cache.pools();
+        let local_ips: Vec<Ipv4Addr> = vec![self.config.node_ip];
+        let proxy = self
+            .proxy
+            .sync(&node, &local_ips, &services, &slices, &pools)
+            .await;
+        let rule_summary = match proxy {
+            Ok(summary) => {
+                self.health_checks.update(&summary.health_checks).await;
+                summary.description
+            }
+            Err(e) => {
+                errors.push(format!("iptables: {e:#}"));
+                String::from("iptables failed")
+            }
+        };
+
+        let elapsed = started.elapsed();
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        let error = (!errors.is_empty()).then(|| errors.join("; "));
+        match &error {
+            None => tracing::info!(
+                duration_ms = format!("{ms:.1}"),
+                revision,
+                services = services.len(),
+                routes = routes.len(),
+                route_changes,
+                rules = %rule_summary,
+                "dataplane sync"
+            ),
+            Some(e) => {
+                tracing::error!(duration_ms = format!("{ms:.1}"), error = %e, "dataplane sync failed")
+            }
+        }
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let snapshot = {
+            let Ok(mut st) = self.status.write() else {
+                return;
+            };
+            st.dataplane = LinuxDataplane::Iptables.to_string();
+            st.syncs += 1;
+            st.synced_revision = revision;
+            st.last_sync_time = Some(now.clone());
+            st.last_sync_duration_ms = Some(ms);
+            st.last_error = error.clone();
+            st.services = services.len();
+            st.routes = routes.len();
+            st.clone()
+        };
+        if let Some(path) = &self.config.status_file {
+            write_status_file(path, &snapshot);
+        }
+
+        // The Node's status: written when it changes, and refreshed now and then for the last
+        // sync time (writing it every sync would wake every agent on every sync).
+        let pod_cidrs: Vec<String> = blocks
+            .iter()
+            .filter(|(_, owner)| **owner == node)
+            .map(|(cidr, _)| cidr.to_string())
+            .collect();
+        let substantive = json!({
+            "podCIDRs": pod_cidrs,
+            "requested": requested.as_str(),
+            "message": message.clone().or(error.clone()),
+        });
+        let heartbeat_due = self
+            .last_status_write
+            .is_none_or(|t| t.elapsed() >= STATUS_HEARTBEAT);
+        if self.last_node_status.as_ref() != Some(&substantive) || heartbeat_due {
+            let status = json!({
+                "podCIDRs": if pod_cidrs.is_empty() { serde_json::Value::Null } else { json!(pod_cidrs) },
+                "dataplane": {
+                    "requested": requested.as_str(),
+                    "active": LinuxDataplane::Iptables.as_str(),
+                    "message": message.or(error),
+                    "lastSyncTime": now,
+                    "lastSyncDurationMs": (ms * 1000.0).round() / 1000.0,
+                    "agentVersion": margay_api::VERSION,
+                }
+            });
+            match crate::node::update_status(&self.client, &node, strip_nulls(status)).await {
+                Ok(_) => {
+                    self.last_node_status = Some(substantive);
+                    self.last_status_write = Some(Instant::now());
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot update the Node status"),
+            }
+        }
+    }
+}
+
+fn strip_nulls(mut v: serde_json::Value) -> serde_json::Value {
+    if let Some(map) = v.as_object_mut() {
+        map.retain(|_, x| !x.is_null());
+        for x in map.values_mut() {
+            *x = strip_nulls(x.take());
+        }
+    }
+    v
+}
+
+fn write_status_file(path: &std::path::Path, status: &AgentStatus) {
+    let tmp = path.with_extension("tmp");
+    let result = serde_json::to_vec_pretty(status)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = result {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write the status file");
+    }
+}
+
+/// Used by the proxy module to describe a sync.
+#[derive(Debug, Default)]
+pub struct ProxySummary {
+    pub description: String,
+    pub health_checks: BTreeMap<u16, crate::health::ServiceHealth>,
+}

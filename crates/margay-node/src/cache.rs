@@ -1,0 +1,155 @@
+//! The agent's copy of the datastore, kept by the sync stream, with typed views of what the
+//! dataplane calculation needs.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use margay_api::calico::FelixConfigurationSpec;
+use margay_api::operator::LinuxDataplane;
+use margay_api::{Kind, Resource};
+use margay_datastore::{Key, Stored};
+use serde_json::Value;
+
+/// The kinds the agent follows.
+pub const KINDS: [Kind; 8] = [
+    Kind::Service,
+    Kind::EndpointSlice,
+    Kind::Node,
+    Kind::IPPool,
+    Kind::IPAMBlock,
+    Kind::FelixConfiguration,
+    Kind::Installation,
+    Kind::Namespace,
+];
+
+#[derive(Debug, Default)]
+pub struct Cache {
+    objects: BTreeMap<Key, Stored>,
+    /// The store revision this copy reflects (from the sync stream's progress reports).
+    pub revision: u64,
+}
+
+impl Cache {
+    pub fn upsert(&mut self, stored: Stored) {
+        self.objects.insert(stored.key.clone(), stored);
+    }
+
+    pub fn remove(&mut self, key: &Key) {
+        self.objects.remove(key);
+    }
+
+    fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Stored> {
+        self.objects.values().filter(move |s| s.key.kind == kind)
+    }
+
+    pub fn get(&self, key: &Key) -> Option<&Value> {
+        self.objects.get(key).map(|s| &s.value)
+    }
+
+    pub fn services(&self) -> Vec<Service> {
+        self.of_kind(Kind::Service)
+            .filter_map(|s| serde_json::from_value(s.value.clone()).ok())
+            .collect()
+    }
+
+    pub fn endpoint_slices(&self) -> Vec<EndpointSlice> {
+        self.of_kind(Kind::EndpointSlice)
+            .filter_map(|s| serde_json::from_value(s.value.clone()).ok())
+            .collect()
+    }
+
+    /// Each node's IPv4 address, as its Node resource publishes it.
+    pub fn node_ips(&self) -> BTreeMap<String, Ipv4Addr> {
+        self.of_kind(Kind::Node)
+            .filter_map(|s| Some((s.key.name.clone(), node_ipv4(&s.value)?)))
+            .collect()
+    }
+
+    /// Every IPAM block and the node it is affine to.
+    pub fn blocks(&self) -> BTreeMap<Ipv4Net, String> {
+        self.of_kind(Kind::IPAMBlock)
+            .filter_map(|s| {
+                let cidr = s.value["spec"]["cidr"].as_str()?.parse().ok()?;
+                let node = s.value["spec"]["affinity"]
+                    .as_str()?
+                    .strip_prefix("host:")?;
+                Some((cidr, node.to_owned()))
+            })
+            .collect()
+    }
+
+    /// IPv4 pools (Workload use) and whether each masquerades traffic leaving the pools.
+    pub fn pools(&self) -> Vec<(Ipv4Net, bool)> {
+        self.of_kind(Kind::IPPool)
+            .filter_map(|s| match Resource::from_value(s.value.clone()).ok()? {
+                Resource::IPPool(p) => {
+                    if !p
+                        .spec
+                        .allows(margay_api::calico::ippool::AllowedUse::Workload)
+                    {
+                        return None;
+                    }
+                    let net = match p.spec.cidr.as_ref()?.net() {
+                        ipnet::IpNet::V4(n) => n,
+                        ipnet::IpNet::V6(_) => return None,
+                    };
+                    Some((net, p.spec.nat_outgoing.unwrap_or(false)))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The FelixConfiguration in force on `node`: `node.<node>`, then `default`, then Calico's
+    /// defaults.
+    pub fn felix(&self, node: &str) -> FelixConfigurationSpec {
+        let read = |name: &str| -> Option<FelixConfigurationSpec> {
+            let v = self.get(&Key::new(Kind::FelixConfiguration, None, name))?;
+            serde_json::from_value(v["spec"].clone()).ok()
+        };
+        let layers: Vec<FelixConfigurationSpec> = [read(&format!("node.{node}")), read("default")]
+            .into_iter()
+            .flatten()
+            .collect();
+        let refs: Vec<&FelixConfigurationSpec> = layers.iter().collect();
+        FelixConfigurationSpec::effective(&refs)
+    }
+
+    /// The dataplane the cluster asks for: the Installation's, or BPF when FelixConfiguration
+    /// says `bpfEnabled: true`.
+    pub fn requested_dataplane(&self, node: &str) -> LinuxDataplane {
+        let from_installation = self
+            .get(&Key::new(Kind::Installation, None, "default"))
+            .and_then(|v| v["spec"]["calicoNetwork"]["linuxDataplane"].as_str())
+            .and_then(|s| s.parse().ok());
+        match from_installation {
+            Some(dp) => dp,
+            None if self.felix(node).bpf_enabled == Some(true) => LinuxDataplane::Bpf,
+            None => LinuxDataplane::Iptables,
+        }
+    }
+}
+
+/// A Node's IPv4 address: the first IPv4 of `spec.addresses` (CalicoNodeIP first), else
+/// `spec.bgp.ipv4Address`.
+pub fn node_ipv4(node: &Value) -> Option<Ipv4Addr> {
+    let parse = |s: &str| s.split('/').next()?.parse::<Ipv4Addr>().ok();
+    let addresses = node["spec"]["addresses"].as_array();
+    let by_type = |t: &str| {
+        addresses?
+            .iter()
+            .filter(|a| a["type"] == t)
+            .find_map(|a| parse(a["address"].as_str()?))
+    };
+    by_type("CalicoNodeIP")
+        .or_else(|| by_type("InternalIP"))
+        .or_else(|| {
+            addresses?
+                .iter()
+                .find_map(|a| parse(a["address"].as_str()?))
+        })
+        .or_else(|| parse(node["spec"]["bgp"]["ipv4Address"].as_str()?))
+}

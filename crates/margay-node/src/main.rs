@@ -1,0 +1,113 @@
+//! `margay-node`: the per-node agent. It follows the datastore and programs this node's
+//! dataplane: routes to other nodes' pod blocks, kube-proxy-equivalent Service rules, the
+//! health checks load balancers probe, and its own Node resource.
+
+mod agent;
+mod cache;
+mod health;
+mod node;
+mod proxy;
+mod routes;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(name = "margay-node", version, about = "Margay's per-node agent")]
+struct Args {
+    /// This node's name (its Node resource).
+    #[arg(long, env = "NODENAME", required_unless_present = "cleanup")]
+    node_name: Option<String>,
+    /// The datastore URL.
+    #[arg(long, env = "MARGAY_DATASTORE", default_value = margay_datastore::DEFAULT_DATASTORE_URL)]
+    datastore: String,
+    /// This node's IPv4 address and prefix length on the network between nodes (10.224.0.4/16).
+    #[arg(long, value_name = "IP/PREFIX", required_unless_present = "cleanup")]
+    node_ip: Option<ipnet::Ipv4Net>,
+    /// Where to serve /liveness, /readiness and /status (Calico's Felix uses 9099).
+    #[arg(long, default_value = "0.0.0.0:9099")]
+    health_listen: SocketAddr,
+    /// Write the agent's status here (JSON) after every sync.
+    #[arg(long)]
+    status_file: Option<PathBuf>,
+    /// Remove every route and iptables rule this agent owns on this node, then exit (for
+    /// uninstalling, or after moving a node to another dataplane by hand).
+    #[arg(long)]
+    cleanup: bool,
+    /// Log filter (tracing's EnvFilter syntax).
+    #[arg(long, env = "MARGAY_LOG", default_value = "info")]
+    log: String,
+}
+
+fn cleanup() -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("margay-node: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let routes = routes::RouteDriver::default().cleanup().await?;
+        proxy::ProxyDataplane::new().cleanup()?;
+        anyhow::Ok(routes)
+    });
+    match result {
+        Ok(routes) => {
+            println!("margay-node: removed {routes} routes and every KUBE-* and Calico NAT rule");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("margay-node: cleanup failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+        .with_ansi(false)
+        .init();
+    if args.cleanup {
+        return cleanup();
+    }
+    let (Some(node), Some(node_ip)) = (args.node_name, args.node_ip) else {
+        eprintln!("margay-node: --node-name and --node-ip are required");
+        return ExitCode::FAILURE;
+    };
+    let config = agent::AgentConfig {
+        node,
+        datastore_url: args.datastore,
+        node_ip: node_ip.addr(),
+        node_prefix_len: node_ip.prefix_len(),
+        health_listen: args.health_listen,
+        status_file: args.status_file,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("margay-node: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(agent::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

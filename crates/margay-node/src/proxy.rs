@@ -1,0 +1,122 @@
+//! The standard dataplane's Service rules: kube-proxy's iptables mode, calculated by margay-calc
+//! and applied by margay-dataplane's driver (one iptables-restore per sync, only changed chains),
+//! plus Calico's natOutgoing masquerade for pod pools and the health checks of
+//! externalTrafficPolicy Local Services.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use anyhow::Result;
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use margay_calc::{NodeContext, kube_proxy_ruleset};
+use margay_dataplane::iptables::IptablesDriver;
+
+use crate::agent::ProxySummary;
+use crate::health::ServiceHealth;
+
+/// The Service dataplane of this node.
+#[derive(Debug)]
+pub struct ProxyDataplane {
+    driver: IptablesDriver,
+}
+
+impl ProxyDataplane {
+    pub fn new() -> ProxyDataplane {
+        ProxyDataplane {
+            driver: IptablesDriver::new(),
+        }
+    }
+
+    /// Computes the rules for the current Services and Endpoints and applies the difference.
+    pub async fn sync(
+        &mut self,
+        node: &str,
+        node_ips: &[Ipv4Addr],
+        services: &[Service],
+        slices: &[EndpointSlice],
+        pools: &[(Ipv4Net, bool)],
+    ) -> Result<ProxySummary> {
+        let context = NodeContext {
+            node_name: node.to_owned(),
+            node_ips: node_ips.to_vec(),
+            cluster_cidrs: pools.iter().map(|(net, _)| *net).collect(),
+        };
+        let mut ruleset = kube_proxy_ruleset(services, slices, &context);
+        ruleset.add_nat_outgoing(pools);
+        // iptables-restore is a blocking process; keep the runtime's other tasks (health
+        // checks) running meanwhile.
+        let report = tokio::task::block_in_place(|| self.driver.sync(&ruleset))?;
+        let description = format!(
+            "{} rules in {} chains; {} sync wrote {} chains ({} rules) in {:.1} ms",
+            ruleset.rule_count(),
+            ruleset.chain_count(),
+            if report.full { "full" } else { "partial" },
+            report.chains_written,
+            report.rules_written,
+            report.duration.as_secs_f64() * 1000.0
+        );
+        Ok(ProxySummary {
+            description,
+            health_checks: health_checks(node, services, slices),
+        })
+    }
+
+    /// Removes every rule this dataplane owns.
+    pub fn cleanup(&mut self) -> Result<()> {
+        self.driver.cleanup()?;
+        Ok(())
+    }
+}
+
+/// kube-proxy serves a health check on each LoadBalancer Service with externalTrafficPolicy
+/// Local, answering with the number of ready endpoints on this node.
+pub fn health_checks(
+    node: &str,
+    services: &[Service],
+    slices: &[EndpointSlice],
+) -> BTreeMap<u16, ServiceHealth> {
+    let mut out = BTreeMap::new();
+    for svc in services {
+        let Some(spec) = &svc.spec else { continue };
+        let local = spec.external_traffic_policy.as_deref() == Some("Local");
+        let Some(port) = spec
+            .health_check_node_port
+            .and_then(|p| u16::try_from(p).ok())
+        else {
+            continue;
+        };
+        if !local || spec.type_.as_deref() != Some("LoadBalancer") {
+            continue;
+        }
+        let (Some(name), Some(ns)) = (&svc.metadata.name, &svc.metadata.namespace) else {
+            continue;
+        };
+        let local_endpoints = slices
+            .iter()
+            .filter(|s| {
+                s.metadata.namespace.as_ref() == Some(ns)
+                    && s.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get("kubernetes.io/service-name"))
+                        == Some(name)
+            })
+            .flat_map(|s| s.endpoints.iter())
+            .filter(|e| {
+                e.node_name.as_deref() == Some(node)
+                    && e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true)
+            })
+            .count();
+        out.insert(
+            port,
+            ServiceHealth {
+                namespace: ns.clone(),
+                name: name.clone(),
+                local_endpoints,
+            },
+        );
+    }
+    out
+}
