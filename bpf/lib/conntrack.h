@@ -1,0 +1,120 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Conntrack: normalised keys, lookup, per-leg state updates, and creation of the NAT pair.
+ * See docs/design/conntrack.md for the model.
+ */
+#ifndef MARGAY_LIB_CONNTRACK_H
+#define MARGAY_LIB_CONNTRACK_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "maps.h"
+#include "parse.h"
+
+/*
+ * Fills `k` with the normalised key of the tuple (s:sp -> d:dp). Returns true when the source
+ * endpoint is the key's `b` side (the tuple was swapped).
+ */
+static __always_inline bool mg_ct_key_fill(struct mg_ct_key *k, __u8 proto, __be32 s, __be16 sp,
+					   __be32 d, __be16 dp)
+{
+	bool src_is_b = s > d || (s == d && sp > dp);
+
+	k->proto = proto;
+	k->pad[0] = 0;
+	k->pad[1] = 0;
+	k->pad[2] = 0;
+	if (src_is_b) {
+		k->addr_a = d;
+		k->port_a = dp;
+		k->addr_b = s;
+		k->port_b = sp;
+	} else {
+		k->addr_a = s;
+		k->port_a = sp;
+		k->addr_b = d;
+		k->port_b = dp;
+	}
+	return src_is_b;
+}
+
+/* MG_TCPF_* (wire bits) -> MG_CT_TCP_* (conntrack bits). */
+static __always_inline __u8 mg_ct_tcp_bits(__u8 raw)
+{
+	__u8 bits = 0;
+
+	if (raw & MG_TCPF_SYN)
+		bits |= MG_CT_TCP_SYN;
+	if (raw & MG_TCPF_ACK)
+		bits |= MG_CT_TCP_ACK;
+	if (raw & MG_TCPF_FIN)
+		bits |= MG_CT_TCP_FIN;
+	if (raw & MG_TCPF_RST)
+		bits |= MG_CT_TCP_RST;
+	return bits;
+}
+
+/*
+ * Records a packet on an entry: time, and TCP flags on the leg it came from. Flags are only
+ * written when new, so that an established flow's cache line is not dirtied by every packet on
+ * every CPU more than the timestamp needs.
+ */
+static __always_inline void mg_ct_seen(struct mg_ct_val *v, bool from_b, __u8 ct_tcp, __u64 now)
+{
+	v->last_seen_ns = now;
+	if (from_b) {
+		if ((v->tcp_b & ct_tcp) != ct_tcp)
+			v->tcp_b |= ct_tcp;
+	} else {
+		if ((v->tcp_a & ct_tcp) != ct_tcp)
+			v->tcp_a |= ct_tcp;
+	}
+}
+
+/*
+ * Creates the two entries of a NATed flow: the forward entry keyed by (client, frontend) and the
+ * reverse entry keyed by (client, backend). The reverse entry is written first so that a forward
+ * entry never points at a missing reverse entry. Returns 0 or a negative error.
+ */
+static __always_inline int mg_ct_create_nat(const struct mg_pkt *p, __be32 be_addr, __be16 be_port,
+					    __u32 svc_id, __u8 extra_flags, __u64 now)
+{
+	struct mg_ct_key fwd_key, rev_key;
+	struct mg_ct_val fwd = {}, rev = {};
+	bool client_b_fwd, client_b_rev;
+	__u8 ct_tcp = mg_ct_tcp_bits(p->tcp_flags);
+	int err;
+
+	client_b_fwd = mg_ct_key_fill(&fwd_key, p->proto, p->saddr, p->sport, p->daddr, p->dport);
+	client_b_rev = mg_ct_key_fill(&rev_key, p->proto, p->saddr, p->sport, be_addr, be_port);
+
+	rev.created_ns = now;
+	rev.last_seen_ns = now;
+	rev.kind = MG_CT_NAT_REV;
+	rev.flags = extra_flags | (client_b_rev ? MG_CT_F_CLIENT_IS_B : 0);
+	rev.svc_id = svc_id;
+	rev.peer = fwd_key;
+	rev.nat_addr = p->daddr;
+	rev.nat_port = p->dport;
+
+	fwd.created_ns = now;
+	fwd.last_seen_ns = now;
+	fwd.kind = MG_CT_NAT_FWD;
+	fwd.flags = extra_flags | (client_b_fwd ? MG_CT_F_CLIENT_IS_B : 0);
+	if (client_b_fwd)
+		fwd.tcp_b = ct_tcp;
+	else
+		fwd.tcp_a = ct_tcp;
+	fwd.svc_id = svc_id;
+	fwd.peer = rev_key;
+	fwd.nat_addr = be_addr;
+	fwd.nat_port = be_port;
+
+	err = bpf_map_update_elem(&mg_ct, &rev_key, &rev, BPF_ANY);
+	if (err)
+		return err;
+	return bpf_map_update_elem(&mg_ct, &fwd_key, &fwd, BPF_ANY);
+}
+
+#endif /* MARGAY_LIB_CONNTRACK_H */

@@ -1,0 +1,17 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Per-CPU packet counters by reason (enum mg_reason). */
+#ifndef MARGAY_LIB_COUNTERS_H
+#define MARGAY_LIB_COUNTERS_H
+
+#include "maps.h"
+
+static __always_inline void mg_count(__u32 reason)
+{
+	__u64 *v = bpf_map_lookup_elem(&mg_counters, &reason);
+
+	/* Per-CPU slot: no other CPU writes it, a plain increment is exact. */
+	if (v)
+		*v += 1;
+}
+
+#endif /* MARGAY_LIB_COUNTERS_H */

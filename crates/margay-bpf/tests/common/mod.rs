@@ -1,0 +1,354 @@
+//! Helpers for the privileged tests: root check, RAII guards for every piece of kernel state a
+//! test creates (bpffs mount, network namespace, cgroup), and a packet builder/checker.
+//!
+//! Guards use unique names (pid + counter) and clean up on drop, so also when a test panics.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different subset of these helpers"
+)]
+
+pub mod packet;
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use nix::{
+    mount::{MntFlags, MsFlags, mount, umount2},
+    sched::{CloneFlags, setns},
+};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique on this machine for this process: `<prefix><pid>x<n>` (at most 15 chars for
+/// prefixes up to 4 chars).
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100_000,
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// True when the test can run. Not root: prints why and returns false, except under CI (`CI`
+/// set), where skipping would hide a broken setup, so it panics.
+pub fn privileged(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: needs root, and CI must not skip it"
+    );
+    eprintln!("skipping {test}: needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)");
+    false
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+// === impl Bpffs ===
+
+/// A private bpffs mounted on a temporary directory; unmounted and removed on drop.
+#[derive(Debug)]
+pub struct Bpffs {
+    dir: tempfile::TempDir,
+}
+
+impl Bpffs {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("margay-bpffs-")
+            .tempdir()
+            .expect("tempdir");
+        mount(
+            Some("bpf"),
+            dir.path(),
+            Some("bpf"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount bpffs");
+        Self { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        // Unpinning is implied: the mount's pins go with it (their objects live while in use).
+        let _ = umount2(self.dir.path(), MntFlags::MNT_DETACH);
+    }
+}
+
+// === impl Netns ===
+
+/// A network namespace created with `ip netns add`; deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn new() -> Self {
+        let name = unique("mgt");
+        sh("ip", &["netns", "add", &name]);
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n <ns> ARGS`.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut a = vec!["-n", self.name.as_str()];
+        a.extend_from_slice(args);
+        sh("ip", &a)
+    }
+
+    /// `ip netns exec <ns> CMD ARGS`.
+    pub fn exec(&self, cmd: &str, args: &[&str]) -> String {
+        let mut a = vec!["netns", "exec", self.name.as_str(), cmd];
+        a.extend_from_slice(args);
+        sh("ip", &a)
+    }
+
+    /// Runs `f` on a new thread that has entered this namespace (the calling thread's
+    /// namespace is never changed).
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = PathBuf::from("/run/netns").join(&self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let fd = File::open(&path).expect("open netns");
+                setns(&fd, CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .join()
+            .expect("thread in netns panicked")
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+// === impl Cgroup ===
+
+/// A cgroup v2 directory of our own under the machine's cgroup2 mount (or under a cgroup2
+/// mount of our own when there is none); removed on drop. Never the root cgroup.
+#[derive(Debug)]
+pub struct Cgroup {
+    path: PathBuf,
+    own_mount: Option<tempfile::TempDir>,
+}
+
+impl Cgroup {
+    pub fn new() -> Self {
+        let (root, own_mount) = match cgroup2_mount() {
+            Some(p) => (p, None),
+            None => {
+                let dir = tempfile::Builder::new()
+                    .prefix("margay-cg2-")
+                    .tempdir()
+                    .expect("tempdir");
+                mount(
+                    Some("cgroup2"),
+                    dir.path(),
+                    Some("cgroup2"),
+                    MsFlags::empty(),
+                    None::<&str>,
+                )
+                .expect("mount cgroup2");
+                (dir.path().to_owned(), Some(dir))
+            }
+        };
+        let path = root.join(unique("margay-test-"));
+        std::fs::create_dir(&path).expect("create cgroup");
+        Self { path, own_mount }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.path);
+        if let Some(dir) = &self.own_mount {
+            let _ = umount2(dir.path(), MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// Where cgroup v2 is mounted (`/sys/fs/cgroup/unified` on hybrid hosts, `/sys/fs/cgroup` on
+/// unified ones), from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        if post.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        Some(PathBuf::from(pre.split_whitespace().nth(4)?))
+    })
+}
+
+// === the dataplane under test ===
+
+/// A dataplane loaded for one test: its own bpffs (so its own maps), small maps.
+#[derive(Debug)]
+pub struct Harness {
+    pub maps: margay_bpf::maps::Maps,
+    pub dp: margay_bpf::Dataplane,
+    pub fs: Bpffs,
+}
+
+impl Harness {
+    pub fn new() -> Self {
+        let fs = Bpffs::new();
+        let cfg = margay_bpf::Config {
+            pin_dir: fs.path().join("margay"),
+            sizes: margay_bpf::maps::MapSizes::small(),
+            log_level: margay_bpf::LogLevel::Off,
+            ctlb_udp: true,
+        };
+        let dp = margay_bpf::Dataplane::load(&cfg).expect("load dataplane");
+        let maps = dp.maps().expect("open maps");
+        Self { maps, dp, fs }
+    }
+}
+
+// === impl Topology ===
+
+/// One node in a network namespace with two pods, each in its own namespace, wired as Calico
+/// wires them: a veth per pod (`eth0` in the pod, `cali<x>` on the node), a /32 on the pod, a
+/// default route via 169.254.1.1 (static neighbour: the node's veth), host routes on the node.
+#[derive(Debug)]
+pub struct Topology {
+    pub node: Netns,
+    pub pod_a: Netns,
+    pub pod_b: Netns,
+}
+
+pub const POD_A_IP: &str = "10.65.0.2";
+pub const POD_B_IP: &str = "10.65.1.3";
+pub const VETH_A: &str = "caliA";
+pub const VETH_B: &str = "caliB";
+
+impl Topology {
+    pub fn new() -> Self {
+        let t = Self {
+            node: Netns::new(),
+            pod_a: Netns::new(),
+            pod_b: Netns::new(),
+        };
+        t.node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        t.node
+            .exec("sysctl", &["-qw", "net.ipv4.conf.all.rp_filter=0"]);
+        t.node
+            .exec("sysctl", &["-qw", "net.ipv4.conf.default.rp_filter=0"]);
+        t.wire(&t.pod_a, VETH_A, POD_A_IP);
+        t.wire(&t.pod_b, VETH_B, POD_B_IP);
+        t
+    }
+
+    fn wire(&self, pod: &Netns, veth: &str, ip: &str) {
+        self.node.ip(&[
+            "link",
+            "add",
+            veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            pod.name(),
+        ]);
+        self.node.ip(&["link", "set", veth, "up"]);
+        pod.ip(&["link", "set", "eth0", "up"]);
+        pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+        pod.ip(&[
+            "route",
+            "add",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ]);
+        pod.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ]);
+        let node_mac = mac(&self.node.ip(&["-o", "link", "show", veth]));
+        let pod_mac = mac(&pod.ip(&["-o", "link", "show", "eth0"]));
+        pod.ip(&[
+            "neigh",
+            "add",
+            "169.254.1.1",
+            "lladdr",
+            &node_mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
+        self.node
+            .ip(&["route", "add", &format!("{ip}/32"), "dev", veth]);
+        self.node.ip(&[
+            "neigh",
+            "add",
+            ip,
+            "lladdr",
+            &pod_mac,
+            "dev",
+            veth,
+            "nud",
+            "permanent",
+        ]);
+    }
+}
+
+fn mac(link_show: &str) -> String {
+    let mut it = link_show.split_whitespace();
+    while let Some(w) = it.next() {
+        if w == "link/ether" {
+            return it.next().expect("mac").to_owned();
+        }
+    }
+    panic!("no MAC in {link_show}");
+}
