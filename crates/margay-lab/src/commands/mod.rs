@@ -1,0 +1,48 @@
+//! One file per verb; `run` dispatches. Verbs return the process's exit code, so that `node exec`
+//! and `client` can pass their command's status through.
+
+mod client;
+mod down;
+mod internal;
+mod node;
+mod status;
+mod up;
+
+use std::process::{ExitCode, ExitStatus};
+
+use anyhow::Result;
+
+use crate::cli::{Cli, Command};
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let name = cli.name.as_str();
+    match cli.command {
+        Command::Up(args) => up::run(name, &args).map(|_| ExitCode::SUCCESS),
+        Command::Down => down::run(name),
+        Command::Status(args) => status::run(name, &args),
+        Command::Node(command) => node::run(name, command),
+        Command::Client(args) => client::run(name, margay_lab::Target::Client, &args),
+        Command::Router(args) => client::run(name, margay_lab::Target::Router, &args),
+        Command::InternalEcho(args) => internal::echo(&args),
+        Command::InternalConnect(args) => internal::connect(&args),
+    }
+}
+
+/// The exit code a shell would give for `status` (128 + signal when killed by one).
+pub fn exit_code(status: ExitStatus) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt;
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1);
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// Refuses early, with the reason, when not root (everything the lab does needs it).
+pub fn require_root(verb: &str) -> Result<()> {
+    if margay_lab::is_root() {
+        Ok(())
+    } else {
+        anyhow::bail!("`margay-lab {verb}` needs root (it creates network namespaces and cgroups)")
+    }
+}

@@ -1,0 +1,44 @@
+//! `margay-lab node exec|add|delete`.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Result;
+use margay_lab::{Lab, Target};
+
+use crate::cli::NodeCommand;
+
+pub fn run(name: &str, command: NodeCommand) -> Result<ExitCode> {
+    let lab = Lab::open(name)?;
+    match command {
+        NodeCommand::Exec { node, command } => {
+            lab.node(&node)?;
+            let status = lab.exec_interactive(&Target::Node(node), &command.argv)?;
+            Ok(super::exit_code(status))
+        }
+        NodeCommand::Add { node } => {
+            super::require_root("node add")?;
+            let started = Instant::now();
+            let n = lab.add_node(&node)?;
+            println!(
+                "node {} added: {} in {} (port {}) in {:.1} ms",
+                n.name,
+                n.ip,
+                n.netns,
+                n.underlay_veth,
+                started.elapsed().as_secs_f64() * 1000.0
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        NodeCommand::Delete { node } => {
+            super::require_root("node delete")?;
+            let started = Instant::now();
+            lab.delete_node(&node)?;
+            println!(
+                "node {node} deleted in {:.1} ms",
+                started.elapsed().as_secs_f64() * 1000.0
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
