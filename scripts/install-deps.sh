@@ -22,9 +22,11 @@ packages=(
   llvm              # llvm-strip / llvm-objdump for BPF objects
   libbpf-dev        # BPF helper headers (bpf_helpers.h)
   bpftool           # inspecting BPF programs and maps
+  clang-format      # checks the C's formatting
   etcd-server       # the etcd datastore's tests run a real etcd on loopback
   etcd-client       # etcdctl, to check the key layout as Calico's tools see it
   protobuf-compiler # protoc, for the etcd client's gRPC code
+  libprotobuf-dev   # the well-known .proto files protoc needs for etcd's API
 )
 
 missing=()

@@ -76,7 +76,24 @@ impl Client {
     /// [`margay_api::defaults::fresh_install`]). A store that has ever been written is left
     /// alone, so a resource the user deleted stays deleted.
     pub async fn bootstrap(&self) -> Result<(), ClientError> {
-        if self.store.revision().await? != 0 {
+        // A store is fresh when it has never held ClusterInformation `default` (the seed creates
+        // it, as calico-node does). Not "revision 0": an empty etcd starts at revision 1, and a
+        // shared one anywhere.
+        let info = Key::new(Kind::ClusterInformation, None, "default");
+        match self.store.get(&info).await {
+            Ok(_) => return Ok(()),
+            Err(Error::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if self.store.revision().await? != 0
+            && !self
+                .store
+                .list(&ListRequest::default())
+                .await?
+                .items
+                .is_empty()
+        {
+            // Written to, but without ClusterInformation: the user deleted it. Leave it deleted.
             return Ok(());
         }
         let guid = uuid::Uuid::new_v4().simple().to_string();

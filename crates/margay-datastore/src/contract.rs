@@ -4,6 +4,9 @@
 //!
 //! Each check takes a [`Fixture`]: two independent handles on one fresh, empty store (two
 //! connections, as two processes would have), so that visibility between handles is checked too.
+//! Revisions are counted from the empty store's revision, [`Fixture::base`]: 0 for SQLite, 1 for
+//! etcd (which counts its own bootstrap), so that every backend is held to the same "+1 per
+//! commit" without shifting the revisions it reports.
 //!
 //! To hold a backend to the contract, give its tests a function returning a fixture and either
 //! expand [`datastore_contract_tests!`](crate::datastore_contract_tests) (one `#[test]` per check)
@@ -47,10 +50,15 @@ use crate::backend::{
 use crate::sync::{SyncStatus, SyncStream, SyncUpdate, sync};
 
 /// Two handles on one fresh, empty store, plus whatever keeps the store alive (a temporary
-/// directory, a test etcd namespace) until the check is over.
+/// directory, a test etcd) until the check is over.
 pub struct Fixture {
     pub first: Arc<dyn Datastore>,
     pub second: Arc<dyn Datastore>,
+    /// The revision of the empty store, from which the checks count: 0 for SQLite, 1 for a
+    /// fresh etcd (etcd counts its own bootstrap as revision 1, and Margay keeps etcd's
+    /// revisions unshifted so that a resourceVersion means the same to calicoctl and to
+    /// Margay). Every check expects exactly the same revisions relative to it.
+    pub base: Revision,
     _guard: Box<dyn Any + Send>,
 }
 
@@ -65,8 +73,16 @@ impl Fixture {
         Fixture {
             first,
             second,
+            base: 0,
             _guard: Box::new(guard),
         }
+    }
+
+    /// For a backend whose empty store is at revision `base` rather than 0 (see
+    /// [`Fixture::base`]).
+    pub fn with_base_revision(mut self, base: Revision) -> Fixture {
+        self.base = base;
+        self
     }
 }
 
@@ -75,6 +91,7 @@ impl fmt::Debug for Fixture {
         f.debug_struct("Fixture")
             .field("first", &self.first)
             .field("second", &self.second)
+            .field("base", &self.base)
             .finish_non_exhaustive()
     }
 }
@@ -448,16 +465,17 @@ fn names(keys: &[&Key]) -> BTreeSet<String> {
 
 /// A created object reads back as written plus the metadata the store owns.
 pub async fn create_then_get(f: Fixture) {
+    let base = f.base;
     let ds = &f.first;
     assert_eq!(
         ds.revision().await.unwrap(),
-        0,
-        "a fresh store is at revision 0"
+        base,
+        "a fresh store is at its base revision (0 in SQLite)"
     );
 
     let input = ippool("default-ipv4-ippool", "192.168.0.0/16");
     let created = create(ds, input.clone()).await;
-    assert_eq!(created.revision, 1);
+    assert_eq!(created.revision, base + 1);
     assert_consistent(&created);
     assert_eq!(as_written(&created.value), input);
     assert_eq!(ds.get(&created.key).await.unwrap(), created);
@@ -479,10 +497,11 @@ pub async fn create_then_get(f: Fixture) {
             .unwrap(),
         other
     );
-    assert_eq!(ds.revision().await.unwrap(), 3);
+    assert_eq!(ds.revision().await.unwrap(), base + 3);
 }
 
 pub async fn create_twice_is_already_exists(f: Fixture) {
+    let base = f.base;
     let ds = &f.first;
     let created = create(ds, ippool("p1", "10.0.0.0/16")).await;
     let again = ds
@@ -495,10 +514,11 @@ pub async fn create_twice_is_already_exists(f: Fixture) {
         .await;
     assert_eq!(again, Err(Error::AlreadyExists(created.key.clone())));
     assert_eq!(ds.get(&created.key).await.unwrap(), created);
-    assert_eq!(ds.revision().await.unwrap(), 1);
+    assert_eq!(ds.revision().await.unwrap(), base + 1);
 }
 
 pub async fn missing_objects_are_not_found(f: Fixture) {
+    let base = f.base;
     let ds = &f.first;
     let key = pool_key("missing");
     assert_eq!(ds.get(&key).await, Err(Error::NotFound(key.clone())));
@@ -526,15 +546,16 @@ pub async fn missing_objects_are_not_found(f: Fixture) {
         ds.get(&elsewhere).await,
         Err(Error::NotFound(elsewhere.clone()))
     );
-    assert_eq!(ds.revision().await.unwrap(), 1);
+    assert_eq!(ds.revision().await.unwrap(), base + 1);
 }
 
 /// An update that expects a stale revision changes nothing.
 pub async fn update_is_compare_and_swap(f: Fixture) {
+    let base = f.base;
     let ds = &f.first;
     let v1 = create(ds, ippool("p1", "10.0.0.0/16")).await;
     let v2 = update(ds, &v1, |v| v["spec"]["natOutgoing"] = json!(false)).await;
-    assert_eq!(v2.revision, 2);
+    assert_eq!(v2.revision, base + 2);
     assert_consistent(&v2);
     assert_eq!(v2.value["spec"]["natOutgoing"], json!(false));
 
@@ -546,12 +567,12 @@ pub async fn update_is_compare_and_swap(f: Fixture) {
         result,
         Err(Error::Conflict {
             key: v1.key.clone(),
-            expected: 1,
-            actual: 2
+            expected: base + 1,
+            actual: base + 2
         })
     );
     assert_eq!(ds.get(&v1.key).await.unwrap(), v2);
-    assert_eq!(ds.revision().await.unwrap(), 2);
+    assert_eq!(ds.revision().await.unwrap(), base + 2);
 
     // Without an expected revision the update is unconditional.
     let mut value = v1.value.clone();
@@ -565,12 +586,13 @@ pub async fn update_is_compare_and_swap(f: Fixture) {
         }])
         .await
         .unwrap());
-    assert_eq!(v3.revision, 3);
+    assert_eq!(v3.revision, base + 3);
     assert_eq!(v3.value["spec"]["blockSize"], json!(28));
     assert_eq!(ds.get(&v1.key).await.unwrap(), v3);
 }
 
 pub async fn delete_returns_the_last_value_and_checks_the_revision(f: Fixture) {
+    let base = f.base;
     let ds = &f.first;
     let v1 = create(ds, service("default", "web", 80)).await;
     let v2 = update(ds, &v1, |v| v["spec"]["ports"][0]["port"] = json!(8080)).await;
@@ -578,15 +600,15 @@ pub async fn delete_returns_the_last_value_and_checks_the_revision(f: Fixture) {
     let stale = ds
         .commit(vec![Op::Delete {
             key: v1.key.clone(),
-            expected: Some(1),
+            expected: Some(base + 1),
         }])
         .await;
     assert_eq!(
         stale,
         Err(Error::Conflict {
             key: v1.key.clone(),
-            expected: 1,
-            actual: 2
+            expected: base + 1,
+            actual: base + 2
         })
     );
     assert_eq!(ds.get(&v1.key).await.unwrap(), v2);
@@ -594,11 +616,11 @@ pub async fn delete_returns_the_last_value_and_checks_the_revision(f: Fixture) {
     let deleted = delete(&f.second, &v2).await;
     assert_eq!(deleted, v2, "a delete returns the object as last stored");
     assert_eq!(ds.get(&v1.key).await, Err(Error::NotFound(v1.key.clone())));
-    assert_eq!(ds.revision().await.unwrap(), 3);
+    assert_eq!(ds.revision().await.unwrap(), base + 3);
 
     // The name can be used again, by a new object.
     let again = create(ds, service("default", "web", 80)).await;
-    assert_eq!(again.revision, 4);
+    assert_eq!(again.revision, base + 4);
     assert_ne!(
         again.value["metadata"]["uid"], v1.value["metadata"]["uid"],
         "a re-created object is a new object"
@@ -617,6 +639,7 @@ pub async fn delete_returns_the_last_value_and_checks_the_revision(f: Fixture) {
 
 /// A commit whose last op fails writes none of its ops and does not advance the revision.
 pub async fn failed_commit_writes_nothing(f: Fixture) {
+    let base = f.base;
     let ds = &f.first;
     let p1 = create(ds, ippool("p1", "10.0.0.0/16")).await;
     let mut changed = p1.value.clone();
@@ -649,7 +672,7 @@ pub async fn failed_commit_writes_nothing(f: Fixture) {
             Op::Update {
                 key: p1.key.clone(),
                 value: changed,
-                expected: Some(7),
+                expected: Some(base + 7),
             },
         ])
         .await;
@@ -657,12 +680,12 @@ pub async fn failed_commit_writes_nothing(f: Fixture) {
         result,
         Err(Error::Conflict {
             key: p1.key.clone(),
-            expected: 7,
-            actual: 1
+            expected: base + 7,
+            actual: base + 1
         })
     );
 
-    assert_eq!(ds.revision().await.unwrap(), 1);
+    assert_eq!(ds.revision().await.unwrap(), base + 1);
     assert_eq!(ds.get(&p1.key).await.unwrap(), p1);
     assert_eq!(
         ds.get(&pool_key("p2")).await,
@@ -670,31 +693,35 @@ pub async fn failed_commit_writes_nothing(f: Fixture) {
     );
 
     // Nothing reached the history either: the next commit's event follows p1's directly.
-    let mut watch = ds.watch(0).await.unwrap();
+    let mut watch = ds.watch(base).await.unwrap();
     assert_eq!(
         next_event(&mut watch).await,
-        event(EventType::Added, 1, &p1)
+        event(EventType::Added, base + 1, &p1)
     );
     let p2 = create(&f.second, ippool("p2", "10.2.0.0/16")).await;
-    assert_eq!(p2.revision, 2);
+    assert_eq!(p2.revision, base + 2);
     assert_eq!(
         next_event(&mut watch).await,
-        event(EventType::Added, 2, &p2)
+        event(EventType::Added, base + 2, &p2)
     );
 }
 
 /// One revision per commit, shared by all the ops of the commit.
 pub async fn revisions_advance_by_one_per_commit(f: Fixture) {
+    let base = f.base;
     let ds = &f.first;
     assert_eq!(
         ds.commit(vec![]).await.unwrap(),
         vec![],
         "an empty commit writes nothing"
     );
-    assert_eq!(ds.revision().await.unwrap(), 0);
+    assert_eq!(ds.revision().await.unwrap(), base);
 
     let a = create(ds, ippool("a", "10.0.0.0/16")).await;
-    assert_eq!((a.revision, ds.revision().await.unwrap()), (1, 1));
+    assert_eq!(
+        (a.revision, ds.revision().await.unwrap()),
+        (base + 1, base + 1)
+    );
 
     let batch = f
         .second
@@ -708,20 +735,21 @@ pub async fn revisions_advance_by_one_per_commit(f: Fixture) {
     assert_eq!(batch.len(), 3);
     for stored in &batch {
         assert_eq!(
-            stored.revision, 2,
+            stored.revision,
+            base + 2,
             "every op of a commit has the commit's revision"
         );
         assert_consistent(stored);
     }
-    assert_eq!(ds.revision().await.unwrap(), 2);
+    assert_eq!(ds.revision().await.unwrap(), base + 2);
 
     let a2 = update(ds, &a, |v| v["spec"]["natOutgoing"] = json!(false)).await;
-    assert_eq!(a2.revision, 3);
+    assert_eq!(a2.revision, base + 3);
     let results = ds
         .commit(vec![
             Op::Delete {
                 key: batch[0].key.clone(),
-                expected: Some(2),
+                expected: Some(base + 2),
             },
             update_op(&a2, ippool("a", "10.5.0.0/16")),
         ])
@@ -731,12 +759,12 @@ pub async fn revisions_advance_by_one_per_commit(f: Fixture) {
         results[0], batch[0],
         "a delete returns the last stored object"
     );
-    assert_eq!(results[1].revision, 4);
-    assert_eq!(f.second.revision().await.unwrap(), 4);
+    assert_eq!(results[1].revision, base + 4);
+    assert_eq!(f.second.revision().await.unwrap(), base + 4);
 
     // Every listed object's resourceVersion is its ModRevision.
     let listing = f.second.list(&ListRequest::default()).await.unwrap();
-    assert_eq!(listing.revision, 4);
+    assert_eq!(listing.revision, base + 4);
     let revisions: Vec<(String, Revision)> = listing
         .items
         .iter()
@@ -748,15 +776,16 @@ pub async fn revisions_advance_by_one_per_commit(f: Fixture) {
     assert_eq!(
         revisions,
         vec![
-            ("default".to_owned(), 2),
-            ("a".to_owned(), 4),
-            ("web".to_owned(), 2)
+            ("default".to_owned(), base + 2),
+            ("a".to_owned(), base + 4),
+            ("web".to_owned(), base + 2)
         ]
     );
 }
 
 /// The store owns `uid`, `creationTimestamp` and `resourceVersion`.
 pub async fn metadata_is_set_on_create_and_kept_on_update(f: Fixture) {
+    let base = f.base;
     let ds = &f.first;
     let created = create(ds, ippool("p1", "10.0.0.0/16")).await;
     let meta = &created.value["metadata"];
@@ -819,13 +848,14 @@ pub async fn metadata_is_set_on_create_and_kept_on_update(f: Fixture) {
         stored.value["metadata"]["creationTimestamp"],
         json!("2022-12-08T21:45:45Z")
     );
-    assert_eq!(stored.revision, 4);
+    assert_eq!(stored.revision, base + 4);
     assert_consistent(&stored);
     assert_consistent(&ds.get(&stored.key).await.unwrap());
 }
 
 /// Writing back what is stored is not a change.
 pub async fn noop_update_keeps_the_revision_and_emits_no_event(f: Fixture) {
+    let base = f.base;
     let ds = &f.first;
     let created = create(ds, ippool("p1", "10.0.0.0/16")).await;
     let mut watch = ds.watch(created.revision).await.unwrap();
@@ -852,12 +882,12 @@ pub async fn noop_update_keeps_the_revision_and_emits_no_event(f: Fixture) {
         .await
         .unwrap();
     assert_eq!(results[0], created);
-    assert_eq!(results[1].revision, 2);
-    assert_eq!(ds.revision().await.unwrap(), 2);
+    assert_eq!(results[1].revision, base + 2);
+    assert_eq!(ds.revision().await.unwrap(), base + 2);
 
     // The watch skips straight to the real change.
     let next = next_event(&mut watch).await;
-    assert_eq!(next, event(EventType::Added, 2, &results[1]));
+    assert_eq!(next, event(EventType::Added, base + 2, &results[1]));
 
     // A no-op with a stale revision is still a conflict.
     let changed = update(ds, &created, |v| v["spec"]["blockSize"] = json!(27)).await;
@@ -868,18 +898,19 @@ pub async fn noop_update_keeps_the_revision_and_emits_no_event(f: Fixture) {
         stale,
         Err(Error::Conflict {
             key: created.key.clone(),
-            expected: 1,
-            actual: 3
+            expected: base + 1,
+            actual: base + 3
         })
     );
     assert_eq!(
         next_event(&mut watch).await,
-        event(EventType::Modified, 3, &changed)
+        event(EventType::Modified, base + 3, &changed)
     );
 }
 
 /// Two ops on one key in one commit are refused, as etcd refuses them.
 pub async fn duplicate_keys_in_one_commit_are_invalid(f: Fixture) {
+    let base = f.base;
     let ds = &f.first;
     let result = ds
         .commit(vec![
@@ -898,17 +929,18 @@ pub async fn duplicate_keys_in_one_commit_are_invalid(f: Fixture) {
         ])
         .await;
     assert!(matches!(result, Err(Error::Invalid(_))), "{result:?}");
-    assert_eq!(ds.revision().await.unwrap(), 0);
+    assert_eq!(ds.revision().await.unwrap(), base);
 }
 
 /// Listings are ordered by key, filtered by kind and namespace, and carry their revision.
 pub async fn list_is_an_ordered_filtered_snapshot(f: Fixture) {
+    let base = f.base;
     let ds = &f.first;
     assert_eq!(
         ds.list(&ListRequest::default()).await.unwrap(),
         Listing {
             items: vec![],
-            revision: 0
+            revision: base
         }
     );
     for value in [
@@ -927,7 +959,7 @@ pub async fn list_is_an_ordered_filtered_snapshot(f: Fixture) {
     delete(ds, &gone).await;
 
     let all = ds.list(&ListRequest::default()).await.unwrap();
-    assert_eq!(all.revision, 10);
+    assert_eq!(all.revision, base + 10);
     assert_eq!(all.revision, ds.revision().await.unwrap());
     let keys: Vec<String> = all.items.iter().map(|s| s.key.to_string()).collect();
     assert_eq!(
@@ -963,7 +995,7 @@ pub async fn list_is_an_ordered_filtered_snapshot(f: Fixture) {
         names_of(&pools),
         vec!["IPPool pool-a", "IPPool pool-b", "IPPool pool-c"]
     );
-    assert_eq!(pools.revision, 10);
+    assert_eq!(pools.revision, base + 10);
 
     let default_services = ds
         .list(&ListRequest {
@@ -998,13 +1030,14 @@ pub async fn list_is_an_ordered_filtered_snapshot(f: Fixture) {
         nothing,
         Listing {
             items: vec![],
-            revision: 10
+            revision: base + 10
         }
     );
 }
 
 /// A listing taken while another handle commits pairs of objects never holds half a pair.
 pub async fn list_never_sees_half_a_commit(f: Fixture) {
+    let base = f.base;
     let writer = Arc::clone(&f.second);
     let pair = |i: u64| {
         let mut a = counter("pair-a");
@@ -1060,13 +1093,14 @@ pub async fn list_never_sees_half_a_commit(f: Fixture) {
         }
     }
     writes.await.unwrap();
-    assert_eq!(last_revision, 41);
+    assert_eq!(last_revision, base + 41);
 }
 
 /// A watch from 0 replays the whole history, then follows.
 pub async fn watch_from_zero_replays_everything_in_order(f: Fixture) {
+    let base = f.base;
     let ds = &f.first;
-    let mut live = ds.watch(0).await.unwrap();
+    let mut live = ds.watch(base).await.unwrap();
 
     let p1 = create(ds, ippool("p1", "10.0.0.0/16")).await;
     let web = create(ds, service("default", "web", 80)).await;
@@ -1083,59 +1117,63 @@ pub async fn watch_from_zero_replays_everything_in_order(f: Fixture) {
         .await
         .unwrap();
     let expected = vec![
-        event(EventType::Added, 1, &p1),
-        event(EventType::Added, 2, &web),
-        event(EventType::Modified, 3, &p1b),
-        event(EventType::Deleted, 4, &web_gone),
-        event(EventType::Added, 5, &batch[0]),
-        event(EventType::Deleted, 5, &p1b),
+        event(EventType::Added, base + 1, &p1),
+        event(EventType::Added, base + 2, &web),
+        event(EventType::Modified, base + 3, &p1b),
+        event(EventType::Deleted, base + 4, &web_gone),
+        event(EventType::Added, base + 5, &batch[0]),
+        event(EventType::Deleted, base + 5, &p1b),
     ];
     assert_eq!(
         expected[3].value["metadata"]["resourceVersion"],
-        json!("2"),
+        json!((base + 2).to_string()),
         "a Deleted event carries the object as last stored"
     );
     assert_eq!(next_events(&mut live, 6).await, expected);
 
     // A watch opened later replays the same history.
-    let mut replay = f.second.watch(0).await.unwrap();
+    let mut replay = f.second.watch(base).await.unwrap();
     assert_eq!(next_events(&mut replay, 6).await, expected);
 
     // Both continue with the next commit, once.
     let p3 = create(ds, ippool("p3", "10.2.0.0/16")).await;
-    assert_eq!(next_event(&mut live).await, event(EventType::Added, 6, &p3));
+    assert_eq!(
+        next_event(&mut live).await,
+        event(EventType::Added, base + 6, &p3)
+    );
     assert_eq!(
         next_event(&mut replay).await,
-        event(EventType::Added, 6, &p3)
+        event(EventType::Added, base + 6, &p3)
     );
     let p3b = update(ds, &p3, |v| v["spec"]["blockSize"] = json!(24)).await;
     assert_eq!(
         next_event(&mut live).await,
-        event(EventType::Modified, 7, &p3b)
+        event(EventType::Modified, base + 7, &p3b)
     );
     assert_eq!(
         next_event(&mut replay).await,
-        event(EventType::Modified, 7, &p3b)
+        event(EventType::Modified, base + 7, &p3b)
     );
 }
 
 /// A watch from revision R starts with R + 1.
 pub async fn watch_from_a_revision_continues_without_gaps_or_duplicates(f: Fixture) {
+    let base = f.base;
     let ds = &f.first;
     let mut history = Vec::new();
     let mut pool = create(ds, ippool("p", "10.0.0.0/16")).await;
-    history.push(event(EventType::Added, 1, &pool));
+    history.push(event(EventType::Added, base + 1, &pool));
     for size in 20..24 {
         pool = update(ds, &pool, |v| v["spec"]["blockSize"] = json!(size)).await;
         history.push(event(EventType::Modified, pool.revision, &pool));
     }
-    assert_eq!(ds.revision().await.unwrap(), 5);
+    assert_eq!(ds.revision().await.unwrap(), base + 5);
 
-    let mut from2 = ds.watch(2).await.unwrap();
+    let mut from2 = ds.watch(base + 2).await.unwrap();
     assert_eq!(next_events(&mut from2, 3).await, history[2..].to_vec());
-    let mut from5 = f.second.watch(5).await.unwrap();
+    let mut from5 = f.second.watch(base + 5).await.unwrap();
     // Watching from the future is allowed: it starts when the store gets there.
-    let mut from6 = ds.watch(6).await.unwrap();
+    let mut from6 = ds.watch(base + 6).await.unwrap();
 
     let svc = create(&f.second, service("default", "web", 80)).await;
     let svc2 = update(ds, &svc, |v| v["spec"]["type"] = json!("NodePort")).await;
@@ -1143,39 +1181,40 @@ pub async fn watch_from_a_revision_continues_without_gaps_or_duplicates(f: Fixtu
         assert_eq!(
             next_events(watch, 2).await,
             vec![
-                event(EventType::Added, 6, &svc),
-                event(EventType::Modified, 7, &svc2)
+                event(EventType::Added, base + 6, &svc),
+                event(EventType::Modified, base + 7, &svc2)
             ]
         );
     }
     assert_eq!(
         next_event(&mut from6).await,
-        event(EventType::Modified, 7, &svc2)
+        event(EventType::Modified, base + 7, &svc2)
     );
 }
 
 /// Commits through one handle reach watches on the other, in both directions.
 pub async fn watch_sees_writes_through_another_handle(f: Fixture) {
-    let mut on_first = f.first.watch(0).await.unwrap();
-    let mut on_second = f.second.watch(0).await.unwrap();
+    let base = f.base;
+    let mut on_first = f.first.watch(base).await.unwrap();
+    let mut on_second = f.second.watch(base).await.unwrap();
 
     let p1 = create(&f.second, ippool("p1", "10.0.0.0/16")).await;
     assert_eq!(
         next_event(&mut on_first).await,
-        event(EventType::Added, 1, &p1)
+        event(EventType::Added, base + 1, &p1)
     );
     let svc = create(&f.first, service("default", "web", 80)).await;
     assert_eq!(
         next_event(&mut on_second).await,
-        event(EventType::Added, 1, &p1)
+        event(EventType::Added, base + 1, &p1)
     );
     assert_eq!(
         next_event(&mut on_second).await,
-        event(EventType::Added, 2, &svc)
+        event(EventType::Added, base + 2, &svc)
     );
     assert_eq!(
         next_event(&mut on_first).await,
-        event(EventType::Added, 2, &svc)
+        event(EventType::Added, base + 2, &svc)
     );
     assert_eq!(f.first.get(&p1.key).await.unwrap(), p1);
     assert_eq!(f.second.get(&svc.key).await.unwrap(), svc);
@@ -1183,18 +1222,19 @@ pub async fn watch_sees_writes_through_another_handle(f: Fixture) {
 
 /// History forgotten by compaction cannot be watched; what follows it can.
 pub async fn watch_from_a_compacted_revision_fails(f: Fixture) {
+    let base = f.base;
     let ds = &f.first;
     let mut pool = create(ds, ippool("p", "10.0.0.0/16")).await;
     for size in 20..24 {
         pool = update(ds, &pool, |v| v["spec"]["blockSize"] = json!(size)).await;
     }
     assert!(
-        ds.compact(6).await.is_err(),
+        ds.compact(base + 6).await.is_err(),
         "revision 6 does not exist yet"
     );
-    ds.compact(3).await.unwrap();
+    ds.compact(base + 3).await.unwrap();
 
-    for from in [0, 2] {
+    for from in [base, base + 2] {
         let mut watch = f.second.watch(from).await.unwrap();
         match tokio::time::timeout(EVENT_TIMEOUT, watch.next())
             .await
@@ -1202,7 +1242,7 @@ pub async fn watch_from_a_compacted_revision_fails(f: Fixture) {
         {
             Some(Err(Error::Compacted { requested, oldest })) => {
                 assert_eq!(requested, from);
-                assert!((3..=4).contains(&oldest), "oldest {oldest}");
+                assert!((base + 3..=base + 4).contains(&oldest), "oldest {oldest}");
             }
             other => panic!("watch({from}) after compact(3) gave {other:?}"),
         }
@@ -1214,16 +1254,16 @@ pub async fn watch_from_a_compacted_revision_fails(f: Fixture) {
 
     // The objects themselves are untouched, and the kept history is still served.
     assert_eq!(ds.get(&pool.key).await.unwrap(), pool);
-    let mut watch = ds.watch(3).await.unwrap();
-    assert_eq!(next_event(&mut watch).await.revision, 4);
+    let mut watch = ds.watch(base + 3).await.unwrap();
+    assert_eq!(next_event(&mut watch).await.revision, base + 4);
     assert_eq!(
         next_event(&mut watch).await,
-        event(EventType::Modified, 5, &pool)
+        event(EventType::Modified, base + 5, &pool)
     );
     let later = create(&f.second, ippool("q", "10.9.0.0/16")).await;
     assert_eq!(
         next_event(&mut watch).await,
-        event(EventType::Added, 6, &later)
+        event(EventType::Added, base + 6, &later)
     );
 }
 
@@ -1398,6 +1438,7 @@ pub async fn sync_resync_emits_only_real_changes(f: Fixture) {
 
 /// Commits racing from many tasks and both handles all land, each with its own revision.
 pub async fn concurrent_commits_get_distinct_revisions(f: Fixture) {
+    let base = f.base;
     const TASKS: usize = 8;
     const EACH: usize = 5;
     let mut tasks = Vec::new();
@@ -1422,16 +1463,17 @@ pub async fn concurrent_commits_get_distinct_revisions(f: Fixture) {
     }
     revisions.sort_unstable();
     let total = (TASKS * EACH) as Revision;
-    assert_eq!(revisions, (1..=total).collect::<Vec<_>>());
-    assert_eq!(f.first.revision().await.unwrap(), total);
-    let mut watch = f.second.watch(0).await.unwrap();
+    assert_eq!(revisions, (base + 1..=base + total).collect::<Vec<_>>());
+    assert_eq!(f.first.revision().await.unwrap(), base + total);
+    let mut watch = f.second.watch(base).await.unwrap();
     let events = next_events(&mut watch, TASKS * EACH).await;
     let watched: Vec<Revision> = events.iter().map(|e| e.revision).collect();
-    assert_eq!(watched, (1..=total).collect::<Vec<_>>());
+    assert_eq!(watched, (base + 1..=base + total).collect::<Vec<_>>());
 }
 
 /// Read-modify-write loops that retry on Conflict never lose an increment.
 pub async fn concurrent_compare_and_swap_loses_no_update(f: Fixture) {
+    let base = f.base;
     const TASKS: usize = 6;
     const EACH: usize = 5;
     let initial = create(&f.first, counter("counter")).await;
@@ -1460,7 +1502,7 @@ pub async fn concurrent_compare_and_swap_loses_no_update(f: Fixture) {
         last.value["data"]["count"],
         json!((TASKS * EACH).to_string())
     );
-    assert_eq!(last.revision, 1 + (TASKS * EACH) as Revision);
+    assert_eq!(last.revision, base + 1 + (TASKS * EACH) as Revision);
 }
 
 /// Adds one to a counter ConfigMap, retrying on conflict; the pattern every client uses.

@@ -9,6 +9,7 @@ pub mod backend;
 pub mod client;
 #[cfg(any(test, feature = "contract-tests"))]
 pub mod contract;
+pub mod etcd;
 pub mod ipam;
 pub mod open;
 pub mod registry;
@@ -20,6 +21,7 @@ pub use backend::{
     WatchStream,
 };
 pub use client::{Client, ClientError, WriteMode};
+pub use etcd::{EtcdDatastore, EtcdOptions, EtcdTls};
 pub use open::{DEFAULT_DATASTORE_URL, open};
 pub use sqlite::{SqliteDatastore, SqliteOptions};
 pub use sync::{SyncStatus, SyncStream, SyncUpdate};

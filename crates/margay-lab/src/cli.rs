@@ -38,6 +38,19 @@ pub enum Command {
     /// Run commands on nodes, add or delete nodes.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Create or update workloads and resources from a file: Namespace, Service, Deployment, Pod,
+    /// ConfigMap, Calico resources. Waits until every node has programmed the result.
+    Apply(ApplyArgs),
+    /// Show pods, services, nodes, endpointslices, deployments (kubectl's columns).
+    Get(GetArgs),
+    /// Delete pods (a Deployment replaces them with new names and addresses) or other resources.
+    Delete(DeleteArgs),
+    /// Print a pod's log: `logs POD`, `logs deployment/NAME`, `logs -l app=customer`.
+    Logs(LogsArgs),
+    /// Run a command in a pod's network namespace: `exec POD -- CMD` (executed directly).
+    Exec(ExecArgs),
+    /// `rollout restart deployment NAME`: replace every Pod of a Deployment.
+    Rollout(RolloutArgs),
     /// Run a command on the client (203.0.113.10, outside the cluster): `client -- curl ...`.
     Client(CommandArgs),
     /// Run a command on the router: `router -- ip route`.
@@ -58,6 +71,89 @@ pub struct UpArgs {
     /// How the router spreads LoadBalancer IPs: `ecmp` or a node name (`node-1`).
     #[arg(long, default_value = "ecmp", value_name = "ecmp|NODE")]
     pub lb_mode: String,
+    /// The dataplane the nodes start with.
+    #[arg(long, default_value = "iptables", value_name = "iptables|bpf")]
+    pub dataplane: String,
+    /// The datastore (default: a SQLite file in the lab's state directory).
+    #[arg(long, value_name = "URL")]
+    pub datastore: Option<String>,
+    /// Build only the network (no datastore, agents or cluster DNS).
+    #[arg(long)]
+    pub infrastructure_only: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// A file of resources (YAML or JSON, several documents), or - for standard input.
+    #[arg(short = 'f', long = "filename", value_name = "FILE")]
+    pub filename: String,
+    /// The namespace of namespaced resources that name none.
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// pods, svc, nodes, endpointslices, deployments (or any margayctl kind).
+    pub kind: String,
+    /// Names; all when none is given.
+    pub names: Vec<String>,
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    /// Every namespace.
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+    /// wide, name, yaml, json, jsonpath=TEMPLATE.
+    #[arg(short = 'o', long, default_value = "ps")]
+    pub output: String,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// The kind (`pod`, `svc`, `deployment`, ...).
+    pub kind: String,
+    /// Names.
+    pub names: Vec<String>,
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    /// Delete the pods whose labels match (`app=customer`, `k8s-app=kube-dns`).
+    #[arg(short = 'l', long, value_name = "SELECTOR")]
+    pub selector: Option<String>,
+    /// Delete every object of the kind in the namespace.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// A pod name or `deployment/NAME`.
+    pub target: Option<String>,
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    /// The pods whose labels match.
+    #[arg(short = 'l', long, value_name = "SELECTOR")]
+    pub selector: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// The pod.
+    pub pod: String,
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    #[command(flatten)]
+    pub command: CommandArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RolloutArgs {
+    /// `restart`.
+    pub action: String,
+    /// `deployment NAME` or `deployment/NAME`.
+    #[arg(num_args = 1..=2, value_name = "RESOURCE")]
+    pub resource: Vec<String>,
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -50,6 +50,7 @@
 mod cgroup;
 mod cmd;
 mod config;
+pub mod controller;
 mod destroy;
 mod error;
 mod lab;
@@ -61,6 +62,7 @@ mod procs;
 mod state;
 mod status;
 mod topology;
+pub mod workloads;
 
 pub use config::{LabConfig, LbMode, default_node_name};
 pub use destroy::DestroyReport;

@@ -11,7 +11,8 @@ use clap::{Args, Parser, Subcommand};
                   and Calico's resource formats, so that Calico manifests and habits carry over."
 )]
 pub struct Cli {
-    /// The datastore: sqlite:///path/to/margay.db (the default is sqlite:///var/lib/margay/margay.db).
+    /// The datastore: sqlite:///path/to/margay.db (default sqlite:///var/lib/margay/margay.db) or
+    /// etcd://host:port[,host:port]; calicoctl's DATASTORE_TYPE=etcdv3 and ETCD_* variables work too.
     #[arg(long, global = true, env = "MARGAY_DATASTORE", value_name = "URL")]
     pub datastore: Option<String>,
 

@@ -1,12 +1,15 @@
 //! One file per verb; `run` dispatches. Verbs return the process's exit code, so that `node exec`
 //! and `client` can pass their command's status through.
 
+mod apply;
 mod client;
 mod down;
+mod get;
 mod internal;
 mod node;
 mod status;
 mod up;
+mod workloads;
 
 use std::process::{ExitCode, ExitStatus};
 
@@ -21,6 +24,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Down => down::run(name),
         Command::Status(args) => status::run(name, &args),
         Command::Node(command) => node::run(name, command),
+        Command::Apply(args) => apply::run(name, &args),
+        Command::Get(args) => get::run(name, &args),
+        Command::Delete(args) => workloads::delete(name, &args),
+        Command::Logs(args) => workloads::logs(name, &args),
+        Command::Exec(args) => workloads::exec(name, &args),
+        Command::Rollout(args) => workloads::rollout(name, &args),
         Command::Client(args) => client::run(name, margay_lab::Target::Client, &args),
         Command::Router(args) => client::run(name, margay_lab::Target::Router, &args),
         Command::InternalEcho(args) => internal::echo(&args),
@@ -45,4 +54,12 @@ pub fn require_root(verb: &str) -> Result<()> {
     } else {
         anyhow::bail!("`margay-lab {verb}` needs root (it creates network namespaces and cgroups)")
     }
+}
+
+/// A runtime for the verbs that talk to the datastore.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
 }

@@ -4,7 +4,8 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use margay_lab::{Lab, LabConfig, LbMode};
+use margay_lab::controller::{Cluster, agents};
+use margay_lab::{Lab, LabConfig, LbMode, Target};
 
 use crate::cli::UpArgs;
 
@@ -28,11 +29,86 @@ pub fn run(name: &str, args: &UpArgs) -> Result<Lab> {
     .with_context(|| format!("cannot build lab {name:?}"))?;
     println!(
         "  {:<10} {:>6.1} ms",
+        "network",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    if !args.infrastructure_only {
+        let result = super::runtime()?.block_on(start_cluster(&lab, args, started));
+        if let Err(e) = result {
+            return Err(e.context(format!(
+                "the lab's network is up but its cluster did not start; see {} and take it down with `margay-lab --name {} down`",
+                lab.logs_dir().display(),
+                lab.name()
+            )));
+        }
+    }
+    println!(
+        "  {:<10} {:>6.1} ms",
         "total",
         started.elapsed().as_secs_f64() * 1000.0
     );
     print_summary(&lab)?;
     Ok(lab)
+}
+
+/// The cluster on top of the network: datastore, system resources, one agent per node, cluster
+/// DNS; returns once every agent has programmed it.
+async fn start_cluster(lab: &Lab, args: &UpArgs, started: Instant) -> Result<()> {
+    let step = |what: &str, detail: String| {
+        println!(
+            "  {:<10} {:>6.1} ms  {detail}",
+            what,
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+    };
+    match args.dataplane.as_str() {
+        "iptables" => {}
+        "bpf" => anyhow::bail!(
+            "--dataplane bpf: the BPF programs exist (crates/margay-bpf) but the agent does not drive them yet; use --dataplane iptables"
+        ),
+        other => anyhow::bail!("--dataplane {other:?}: use iptables or bpf"),
+    }
+    let url = args
+        .datastore
+        .clone()
+        .unwrap_or_else(|| lab.default_datastore_url());
+    lab.set_annotation(
+        margay_lab::controller::DATASTORE_ANNOTATION,
+        serde_json::Value::String(url.clone()),
+    )?;
+    let cluster = Cluster::connect(lab.clone(), url.clone()).await?;
+    cluster.install_system().await?;
+    step("datastore", url.clone());
+    for node in cluster.node_names()? {
+        prepare_node(lab, &node)?;
+        agents::start(lab, &node, &url)?;
+    }
+    step(
+        "agents",
+        format!("margay-node on {} nodes", cluster.node_names()?.len()),
+    );
+    cluster.converge().await?;
+    step(
+        "dns",
+        "kube-system/kube-dns at 10.96.0.10 (dnsmasq)".to_owned(),
+    );
+    Ok(())
+}
+
+/// What a node's OS setup would do: no ICMP redirects (the node routes pod traffic back out of
+/// the interface it came in on, and a redirect would get a REJECT's ICMP error rate-limited).
+pub fn prepare_node(lab: &Lab, node: &str) -> Result<()> {
+    lab.exec_checked(
+        &Target::node(node),
+        &[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.conf.all.send_redirects=0",
+            "net.ipv4.conf.default.send_redirects=0",
+        ],
+    )?;
+    Ok(())
 }
 
 fn print_summary(lab: &Lab) -> Result<()> {

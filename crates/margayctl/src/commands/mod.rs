@@ -9,15 +9,14 @@ mod write;
 
 use anyhow::{Context, Result};
 use margay_api::Kind;
-use margay_datastore::{Client, DEFAULT_DATASTORE_URL};
+use margay_datastore::Client;
 
 use crate::cli::{Cli, Command};
 
 pub async fn run(cli: Cli) -> Result<()> {
-    let url = cli
-        .datastore
-        .clone()
-        .unwrap_or_else(|| DEFAULT_DATASTORE_URL.to_owned());
+    // --datastore / MARGAY_DATASTORE, else calicoctl's DATASTORE_TYPE=etcdv3 + ETCD_ENDPOINTS,
+    // else the local SQLite file.
+    let url = margay_datastore::open::datastore_url(cli.datastore.as_deref())?;
     let store = margay_datastore::open(&url)
         .await
         .with_context(|| format!("cannot open the datastore {url}"))?;

@@ -1,0 +1,4 @@
+//! Helpers shared by the integration tests that need them.
+
+pub mod etcd;
+pub mod proxy;

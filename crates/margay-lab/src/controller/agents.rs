@@ -1,0 +1,95 @@
+//! The node agents: one `margay-node` per lab node, in the node's namespace and cgroup, against
+//! the lab's datastore, each writing its status to a file the lab reads to know when every node
+//! has programmed a change.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::{Lab, SpawnOptions, Target};
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::workloads::find_binary;
+
+/// The file a node's agent writes its status to.
+pub fn status_file(lab: &Lab, node: &str) -> PathBuf {
+    lab.state_dir().join("agents").join(format!("{node}.json"))
+}
+
+/// Starts the agent of `node`.
+pub fn start(lab: &Lab, node: &str, datastore: &str) -> Result<u32> {
+    let state = lab.node(node)?;
+    let prefix = lab.config()?.underlay.prefix_len();
+    std::fs::create_dir_all(lab.state_dir().join("agents"))?;
+    let status = status_file(lab, node);
+    let _ = std::fs::remove_file(&status);
+    let binary = find_binary("margay-node");
+    let argv: Vec<String> = vec![
+        binary.to_string_lossy().into_owned(),
+        "--node-name".into(),
+        node.into(),
+        "--datastore".into(),
+        datastore.into(),
+        "--node-ip".into(),
+        format!("{}/{prefix}", state.ip),
+        "--health-listen".into(),
+        "0.0.0.0:9099".into(),
+        "--status-file".into(),
+        status.to_string_lossy().into_owned(),
+    ];
+    let pid = lab
+        .spawn(
+            &Target::node(node),
+            &argv,
+            &SpawnOptions::new()
+                .name("margay-node")
+                .log(lab.logs_dir().join(format!("agent-{node}.log"))),
+        )
+        .with_context(|| format!("cannot start the agent of {node}"))?;
+    Ok(pid)
+}
+
+/// An agent's last status, if it wrote one.
+pub fn read_status(lab: &Lab, node: &str) -> Option<Value> {
+    let text = std::fs::read_to_string(status_file(lab, node)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Waits until every node's agent is in sync and has programmed `revision` or later.
+pub fn wait_for_revision(
+    lab: &Lab,
+    nodes: &[String],
+    revision: u64,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut behind = Vec::new();
+        for node in nodes {
+            match read_status(lab, node) {
+                Some(s)
+                    if s["datastore"] == "InSync"
+                        && s["syncedRevision"].as_u64().unwrap_or(0) >= revision
+                        && s["lastError"].is_null() => {}
+                Some(s) => behind.push(format!(
+                    "{node} (datastore {}, revision {}, error {})",
+                    s["datastore"].as_str().unwrap_or("?"),
+                    s["syncedRevision"],
+                    s["lastError"].as_str().unwrap_or("none")
+                )),
+                None => behind.push(format!("{node} (no status yet)")),
+            }
+        }
+        if behind.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "node agents did not program revision {revision} within {timeout:?}: {}; see {}",
+                behind.join(", "),
+                lab.logs_dir().display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
