@@ -1,10 +1,51 @@
 #!/usr/bin/env bash
-# The main job: installs what is needed, builds margayctl, and walks through the configuration
-# steps of the Calico eBPF lab (../examples/seed-config-walkthrough.sh) against a fresh datastore.
+# The main job, on a fresh Debian 12 machine as root: install what is needed, build, and show the
+# Calico eBPF lab's "before" state on a real 3-node cluster made of network namespaces:
+#   margay-lab up -> yaobank + its LoadBalancer -> curl from the external client -> the customer
+#   pod logs the NODE's address (the standard dataplane masquerades, as kube-proxy does).
+# Then the configuration walkthrough of the lab's steps with margayctl.
+# Usage: scripts/demo.sh [--keep]   (--keep leaves the lab up and says how to take it down)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+keep=false
+[ "${1:-}" = "--keep" ] && keep=true
+
 bash scripts/install-deps.sh
-echo "== building margayctl"
-cargo build --release --locked -p margayctl
-exec bash examples/seed-config-walkthrough.sh "$PWD/target/release/margayctl"
+echo "== building (release)"
+cargo build --release --locked --workspace --bins
+bin="$PWD/target/release"
+lab="demo"
+L() { "$bin/margay-lab" --name "$lab" "$@"; }
+
+if ip netns list 2>/dev/null | grep -q "^$lab-"; then
+  echo "== a lab named $lab exists from an earlier run; taking it down"
+  L down
+fi
+if ! $keep; then trap 'echo "== margay-lab down"; L down' EXIT; fi
+
+echo; echo "== margay-lab up (3 nodes, Iptables dataplane, cluster DNS)"
+L up
+echo; echo "== margay-lab get nodes"
+L get nodes
+
+echo; echo "== deploy yaobank and the LoadBalancer Service for its customer front end"
+L apply -f examples/yaobank.yaml
+L apply -f examples/yaobank-customer-lb.yaml
+L get pods -n yaobank -o wide
+L get svc -n yaobank
+SVC_HOST=$(L get svc yaobank-customer -n yaobank -o 'jsonpath={.status.loadBalancer.ingress[0].ip}')
+
+echo; echo "== curl http://$SVC_HOST/ from the external client (203.0.113.10)"
+L client -- curl -s -m 5 "http://$SVC_HOST/"
+for _ in 1 2 3; do L client -- curl -s -m 5 -o /dev/null "http://$SVC_HOST/"; done
+
+echo; echo "== the customer pod's log: the source is a NODE's address, as with kube-proxy"
+L logs -n yaobank deployment/customer | grep '"GET / '
+
+echo; echo "== the configuration steps of the lab with margayctl"
+MARGAY_DATASTORE="sqlite:///run/margay-lab/$lab/margay.db" bash examples/seed-config-walkthrough.sh "$bin/margayctl"
+
+if $keep; then
+  echo; echo "The lab is still up. Try: $bin/margay-lab --name $lab status; take it down with: $bin/margay-lab --name $lab down"
+fi

@@ -1,0 +1,479 @@
+//! The connectivity matrix in the Iptables dataplane, on a real lab: every cell sends real
+//! traffic through the node agents' kube-proxy rules and asserts the source address the backend
+//! saw (the echo server answers with the peer address of the connection it accepted).
+//!
+//! Root only (namespaces, iptables in them); run by CI as root. Each test builds its own lab with
+//! a unique name and takes it down on drop, even when it fails.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A lab for one test, removed on drop.
+struct TestLab {
+    name: String,
+    bin_dir: PathBuf,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn skip_unless_root(test: &str) -> bool {
+    if margay_lab::is_root() {
+        return false;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs root, and CI must run it: run the suite as root"
+    );
+    eprintln!("skipping {test}: needs root (network namespaces, iptables)");
+    true
+}
+
+impl TestLab {
+    fn up(extra: &[&str]) -> TestLab {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("mx{:x}{n}", std::process::id() % 0xfffff);
+        let bin = PathBuf::from(env!("CARGO_BIN_EXE_margay-lab"));
+        let bin_dir = bin.parent().expect("bin dir").to_path_buf();
+        for needed in ["margay-node", "margay-demo-app"] {
+            assert!(
+                bin_dir.join(needed).is_file(),
+                "{needed} is not built next to margay-lab: run `cargo build --workspace --bins` first"
+            );
+        }
+        let lab = TestLab { name, bin_dir };
+        let mut args = vec!["up", "--nodes", "3"];
+        args.extend_from_slice(extra);
+        let out = lab.run(&args);
+        assert!(
+            out.status.success(),
+            "margay-lab up failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        lab
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(self.bin_dir.join("margay-lab"))
+            .arg("--name")
+            .arg(&self.name)
+            .args(args)
+            .output()
+            .expect("run margay-lab")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "margay-lab {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn apply(&self, yaml: &str) {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(yaml.as_bytes()).expect("write");
+        let path = file.path().to_string_lossy().into_owned();
+        self.ok(&["apply", "-f", &path]);
+    }
+
+    fn jsonpath(&self, args: &[&str], template: &str) -> String {
+        let mut all = vec!["get"];
+        all.extend_from_slice(args);
+        let o = format!("jsonpath={template}");
+        all.extend(["-o", o.as_str()]);
+        self.ok(&all).trim().to_owned()
+    }
+
+    fn demo_app(&self) -> String {
+        self.bin_dir
+            .join("margay-demo-app")
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// Runs `margay-demo-app probe` from `from` (`pod NAME`, `node NAME` or `client`); returns
+    /// (exit code, first line of output).
+    fn probe(&self, from: &From, proto: &str, target: &str) -> (i32, String) {
+        let app = self.demo_app();
+        let probe: Vec<&str> = vec![app.as_str(), "probe", proto, target, "--timeout", "2s"];
+        let mut args: Vec<&str> = match from {
+            From::Pod(pod) => vec!["exec", "-n", "matrix", pod, "--"],
+            From::Node(node) => vec!["node", "exec", node, "--"],
+            From::Client => vec!["client", "--"],
+        };
+        args.extend(probe);
+        let out = self.run(&args);
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        (
+            out.status.code().unwrap_or(-1),
+            if text.is_empty() { err } else { text },
+        )
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        let out = self.run(&["down"]);
+        if !out.status.success() {
+            eprintln!(
+                "margay-lab down {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+enum From {
+    Pod(&'static str),
+    Node(&'static str),
+    Client,
+}
+
+const WORKLOADS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: matrix}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-1, namespace: matrix, labels: {app: echo}}
+spec:
+  nodeName: node-1
+  containers:
+  - name: echo
+    image: margay/echo
+    ports: [{containerPort: 8080}, {containerPort: 5353, protocol: UDP}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-2a, namespace: matrix, labels: {app: echo2}}
+spec:
+  nodeName: node-2
+  containers: [{name: echo, image: margay/echo, ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-2b, namespace: matrix, labels: {app: echo2}}
+spec:
+  nodeName: node-3
+  containers: [{name: echo, image: margay/echo, ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client-1, namespace: matrix}
+spec:
+  nodeName: node-1
+  containers: [{name: sleep, image: busybox, command: [sleep, "100000"]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client-2, namespace: matrix}
+spec:
+  nodeName: node-2
+  containers: [{name: sleep, image: busybox, command: [sleep, "100000"]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: matrix}
+spec:
+  selector: {app: echo}
+  ports:
+  - {name: tcp, port: 80, targetPort: 8080}
+  - {name: udp, port: 53, targetPort: 5353, protocol: UDP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-np, namespace: matrix}
+spec:
+  type: NodePort
+  selector: {app: echo}
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-local, namespace: matrix}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  selector: {app: echo}
+  ports: [{port: 80, targetPort: 8080, nodePort: 30081}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-lb, namespace: matrix}
+spec:
+  type: LoadBalancer
+  selector: {app: echo}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-lb-local, namespace: matrix}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {app: echo}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: matrix}
+spec:
+  selector: {app: echo2}
+  sessionAffinity: ClientIP
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: matrix}
+spec:
+  selector: {app: nothing}
+  ports: [{port: 80, targetPort: 8080}]
+"#;
+
+const NODE_1: &str = "10.224.0.4";
+const NODE_2: &str = "10.224.0.5";
+const CLIENT: &str = "203.0.113.10";
+
+/// The peer address in an echo line (`192.168.0.7:41234 echo-1`).
+fn peer(line: &str) -> &str {
+    line.split(':').next().unwrap_or_default()
+}
+
+#[test]
+fn iptables_connectivity_matrix() {
+    if skip_unless_root("iptables_connectivity_matrix") {
+        return;
+    }
+    // LoadBalancer traffic goes to node-2, which has no backend of `echo`.
+    let lab = TestLab::up(&["--lb-mode", "node-2"]);
+    lab.apply(WORKLOADS);
+
+    let ip = |pod: &str| lab.jsonpath(&["pod", pod, "-n", "matrix"], "{.status.podIP}");
+    let cluster_ip = |svc: &str| lab.jsonpath(&["svc", svc, "-n", "matrix"], "{.spec.clusterIP}");
+    let lb_ip = |svc: &str| {
+        lab.jsonpath(
+            &["svc", svc, "-n", "matrix"],
+            "{.status.loadBalancer.ingress[0].ip}",
+        )
+    };
+    let (client1, client2) = (ip("client-1"), ip("client-2"));
+    let echo = cluster_ip("echo");
+    let mut failures = Vec::new();
+    let mut check = |cell: &str, (code, line): (i32, String), want: Result<&str, i32>| {
+        let ok = match want {
+            Ok(source) => code == 0 && peer(&line) == source,
+            Err(expected_code) => code == expected_code,
+        };
+        println!(
+            "{:<58} {} (exit {code}: {line})",
+            cell,
+            if ok { "ok  " } else { "FAIL" }
+        );
+        if !ok {
+            failures.push(format!("{cell}: wanted {want:?}, got exit {code}: {line}"));
+        }
+    };
+
+    let tcp80 = |addr: &str| format!("{addr}:80");
+    check(
+        "pod -> ClusterIP, backend on the same node: pod IP",
+        lab.probe(&From::Pod("client-1"), "tcp", &tcp80(&echo)),
+        Ok(client1.as_str()),
+    );
+    check(
+        "pod -> ClusterIP, backend on another node: pod IP",
+        lab.probe(&From::Pod("client-2"), "tcp", &tcp80(&echo)),
+        Ok(client2.as_str()),
+    );
+    check(
+        "pod -> ClusterIP over UDP, backend on another node: pod IP",
+        lab.probe(&From::Pod("client-2"), "udp", &format!("{echo}:53")),
+        Ok(client2.as_str()),
+    );
+    check(
+        "node -> ClusterIP: masqueraded to the node's IP",
+        lab.probe(&From::Node("node-2"), "tcp", &tcp80(&echo)),
+        Ok(NODE_2),
+    );
+    check(
+        "client -> NodePort on a node with a local backend: node IP",
+        lab.probe(&From::Client, "tcp", &format!("{NODE_1}:30080")),
+        Ok(NODE_1),
+    );
+    check(
+        "client -> NodePort on a node without one: that node's IP",
+        lab.probe(&From::Client, "tcp", &format!("{NODE_2}:30080")),
+        Ok(NODE_2),
+    );
+    check(
+        "client -> LoadBalancer IP (router -> node-2): node-2's IP",
+        lab.probe(&From::Client, "tcp", &tcp80(&lb_ip("echo-lb"))),
+        Ok(NODE_2),
+    );
+    check(
+        "client -> NodePort, externalTrafficPolicy Local: client IP",
+        lab.probe(&From::Client, "tcp", &format!("{NODE_1}:30081")),
+        Ok(CLIENT),
+    );
+    check(
+        "client -> NodePort, Local, no local backend: dropped",
+        lab.probe(&From::Client, "tcp", &format!("{NODE_2}:30081")),
+        Err(4),
+    );
+    check(
+        "pod -> ClusterIP without endpoints: refused",
+        lab.probe(&From::Pod("client-1"), "tcp", &tcp80(&cluster_ip("empty"))),
+        Err(3),
+    );
+    check(
+        "pod -> its own Service (hairpin): masqueraded to its node",
+        lab.probe(&From::Pod("echo-1"), "tcp", &tcp80(&echo)),
+        Ok(NODE_1),
+    );
+    // Cluster DNS: a real resolver (glibc) asks dnsmasq through the kube-dns ClusterIP over UDP.
+    let dns = lab.run(&[
+        "exec",
+        "-n",
+        "matrix",
+        "client-1",
+        "--",
+        "getent",
+        "hosts",
+        "echo.matrix.svc.cluster.local",
+    ]);
+    let answer = String::from_utf8_lossy(&dns.stdout).trim().to_owned();
+    check(
+        "pod -> kube-dns (UDP): echo.matrix.svc.cluster.local",
+        (dns.status.code().unwrap_or(-1), answer.replace(' ', ":")),
+        Ok(echo.as_str()),
+    );
+    let short = lab.run(&[
+        "exec", "-n", "matrix", "client-1", "--", "getent", "hosts", "echo",
+    ]);
+    check(
+        "pod -> kube-dns: the short name through the search path",
+        (
+            short.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&short.stdout)
+                .trim()
+                .replace(' ', ":"),
+        ),
+        Ok(echo.as_str()),
+    );
+    // Session affinity: every connection from one client lands on the same backend.
+    let sticky = cluster_ip("sticky");
+    let backends: std::collections::BTreeSet<String> = (0..6)
+        .map(|_| {
+            let (code, line) = lab.probe(&From::Pod("client-1"), "tcp", &tcp80(&sticky));
+            assert_eq!(code, 0, "sticky probe failed: {line}");
+            line.split_whitespace()
+                .nth(1)
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    println!(
+        "{:<58} {:?}",
+        "session affinity ClientIP: backends seen", backends
+    );
+    if backends.len() != 1 {
+        failures.push(format!("session affinity: several backends {backends:?}"));
+    }
+    // healthCheckNodePort: 200 where a local endpoint exists, 503 elsewhere.
+    let hc = lab.jsonpath(
+        &["svc", "echo-lb-local", "-n", "matrix"],
+        "{.spec.healthCheckNodePort}",
+    );
+    for (node, want) in [(NODE_1, "200"), (NODE_2, "503")] {
+        let out = lab.run(&[
+            "client",
+            "--",
+            "curl",
+            "-s",
+            "-m",
+            "3",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{node}:{hc}/"),
+        ]);
+        let got = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        println!("{:<58} {got}", format!("healthCheckNodePort on {node}"));
+        if got != want {
+            failures.push(format!(
+                "healthCheckNodePort on {node}: wanted {want}, got {got}"
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "matrix cells failed:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn yaobank_before_state_logs_node_addresses() {
+    if skip_unless_root("yaobank_before_state_logs_node_addresses") {
+        return;
+    }
+    let lab = TestLab::up(&[]);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for file in ["examples/yaobank.yaml", "examples/yaobank-customer-lb.yaml"] {
+        let path = root.join(file).to_string_lossy().into_owned();
+        lab.ok(&["apply", "-f", &path]);
+    }
+    let lb = lab.jsonpath(
+        &["svc", "yaobank-customer", "-n", "yaobank"],
+        "{.status.loadBalancer.ingress[0].ip}",
+    );
+    assert!(lb.starts_with("198.51.100."), "LoadBalancer IP {lb:?}");
+    let page = lab.ok(&[
+        "client",
+        "--",
+        "curl",
+        "-s",
+        "-m",
+        "5",
+        &format!("http://{lb}/"),
+    ]);
+    assert!(page.contains("<h1>Welcome to YAO Bank</h1>"), "{page}");
+    assert!(
+        page.contains("Name: Spike Curtis") && page.contains("Balance: 2389.45"),
+        "{page}"
+    );
+    let logs = lab.ok(&["logs", "-n", "yaobank", "deployment/customer"]);
+    let line = logs
+        .lines()
+        .find(|l| l.contains("\"GET / HTTP/1.1\" 200 -"))
+        .unwrap_or_else(|| panic!("no request in the customer's log:\n{logs}"));
+    let source = line.split_whitespace().next().unwrap_or_default();
+    assert!(
+        ["10.224.0.4", "10.224.0.5", "10.224.0.6"].contains(&source),
+        "the standard dataplane shows a node's address, as kube-proxy does; got {line}"
+    );
+    // A deleted pod comes back with a new name and address, and the Service still works.
+    lab.ok(&["delete", "pod", "-n", "yaobank", "-l", "app=customer"]);
+    let page = lab.ok(&[
+        "client",
+        "--",
+        "curl",
+        "-s",
+        "-m",
+        "5",
+        &format!("http://{lb}/"),
+    ]);
+    assert!(
+        page.contains("Welcome to YAO Bank"),
+        "after the pod was replaced: {page}"
+    );
+}
