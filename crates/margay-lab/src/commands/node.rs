@@ -20,6 +20,15 @@ pub fn run(name: &str, command: NodeCommand) -> Result<ExitCode> {
             super::require_root("node add")?;
             let started = Instant::now();
             let n = lab.add_node(&node)?;
+            // A lab with a cluster: the new node gets its agent, and the control loops run.
+            if !infrastructure_only(&lab)? {
+                super::runtime()?.block_on(async {
+                    let cluster = margay_lab::controller::Cluster::open(name).await?;
+                    super::up::prepare_node(&lab, &node)?;
+                    margay_lab::controller::agents::start(&lab, &node, &cluster.datastore_url)?;
+                    cluster.converge().await
+                })?;
+            }
             println!(
                 "node {} added: {} in {} (port {}) in {:.1} ms",
                 n.name,
@@ -34,6 +43,13 @@ pub fn run(name: &str, command: NodeCommand) -> Result<ExitCode> {
             super::require_root("node delete")?;
             let started = Instant::now();
             lab.delete_node(&node)?;
+            if !infrastructure_only(&lab)? {
+                super::runtime()?.block_on(async {
+                    let cluster = margay_lab::controller::Cluster::open(name).await?;
+                    cluster.forget_node(&node).await?;
+                    cluster.converge().await
+                })?;
+            }
             println!(
                 "node {node} deleted in {:.1} ms",
                 started.elapsed().as_secs_f64() * 1000.0
@@ -41,4 +57,12 @@ pub fn run(name: &str, command: NodeCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Whether the lab was built without a cluster (`up --infrastructure-only`).
+fn infrastructure_only(lab: &Lab) -> Result<bool> {
+    Ok(!lab
+        .state()?
+        .annotations
+        .contains_key(margay_lab::controller::DATASTORE_ANNOTATION))
 }

@@ -153,6 +153,25 @@ impl Cluster {
         .await?
     }
 
+    /// After a node is gone: its Pods are deleted (a Deployment re-creates them elsewhere), its
+    /// address blocks released and its Node resource removed, so the other agents withdraw their
+    /// routes to it.
+    pub async fn forget_node(&self, node: &str) -> Result<()> {
+        let pods = self.client.list(Kind::Pod, None).await?;
+        let keys: Vec<(Key, Option<u64>)> = pods
+            .items
+            .into_iter()
+            .filter(|p| p.value["spec"]["nodeName"] == node)
+            .map(|p| (p.key, None))
+            .collect();
+        self.client.delete(keys, true).await?;
+        margay_datastore::ipam::release_node(&self.client, node).await?;
+        self.client
+            .delete(vec![(Key::new(Kind::Node, None, node), None)], true)
+            .await?;
+        Ok(())
+    }
+
     /// Rewrites the cluster DNS records (dnsmasq re-reads its hosts directory on change).
     pub async fn write_dns_records(&self) -> Result<()> {
         let services = typed(&self.client, Kind::Service).await?;
