@@ -477,3 +477,117 @@ fn yaobank_before_state_logs_node_addresses() {
         "after the pod was replaced: {page}"
     );
 }
+
+#[test]
+fn vxlan_always_carries_pod_traffic_between_nodes_in_a_tunnel() {
+    if skip_unless_root("vxlan_always_carries_pod_traffic_between_nodes_in_a_tunnel") {
+        return;
+    }
+    let lab = TestLab::up(&[]);
+    let margayctl = lab.bin_dir.join("margayctl");
+    let out = Command::new(&margayctl)
+        .args([
+            "patch",
+            "ippool",
+            "default-ipv4-ippool",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"vxlanMode":"Always"}}"#,
+        ])
+        .env(
+            "MARGAY_DATASTORE",
+            format!("sqlite:///run/margay-lab/{}/margay.db", lab.name),
+        )
+        .output()
+        .expect("margayctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lab.apply(WORKLOADS);
+    // Every node published a tunnel address and MAC.
+    let tunnels = lab.jsonpath(&["nodes"], "{.items[*].spec.ipv4VXLANTunnelAddr}");
+    assert_eq!(
+        tunnels.split_whitespace().count(),
+        3,
+        "tunnel addresses: {tunnels:?}"
+    );
+    let echo1 = lab.jsonpath(&["pod", "echo-1", "-n", "matrix"], "{.status.podIP}");
+    let client2 = lab.jsonpath(&["pod", "client-2", "-n", "matrix"], "{.status.podIP}");
+    // Capture on the underlay while pod traffic crosses from node-2 to node-1.
+    let capture = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("{}-underlay", lab.name),
+            "timeout",
+            "10",
+            "tcpdump",
+            "-n",
+            "-c",
+            "1",
+            "-i",
+            "br0",
+            "udp",
+            "port",
+            "4789",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tcpdump");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (code, line) = lab.probe(&From::Pod("client-2"), "tcp", &format!("{echo1}:8080"));
+    assert_eq!(code, 0, "pod -> pod across nodes over VXLAN: {line}");
+    assert_eq!(peer(&line), client2, "the pod address survives the tunnel");
+    let captured = capture.wait_with_output().expect("tcpdump");
+    let text = String::from_utf8_lossy(&captured.stdout);
+    assert!(
+        text.contains("VXLAN") || text.contains(".4789"),
+        "no VXLAN packet on the underlay: {text}"
+    );
+    // Back to Never: the devices go and traffic is routed directly again.
+    let out = Command::new(&margayctl)
+        .args([
+            "patch",
+            "ippool",
+            "default-ipv4-ippool",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"vxlanMode":"Never"}}"#,
+        ])
+        .env(
+            "MARGAY_DATASTORE",
+            format!("sqlite:///run/margay-lab/{}/margay.db", lab.name),
+        )
+        .output()
+        .expect("margayctl");
+    assert!(out.status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let tunnels = lab.jsonpath(&["nodes"], "{.items[*].spec.ipv4VXLANTunnelAddr}");
+        let link = lab.run(&[
+            "node",
+            "exec",
+            "node-1",
+            "--",
+            "ip",
+            "link",
+            "show",
+            "vxlan.calico",
+        ]);
+        if tunnels.is_empty() && !link.status.success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "VXLAN not removed: {tunnels}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let (code, line) = lab.probe(&From::Pod("client-2"), "tcp", &format!("{echo1}:8080"));
+    assert_eq!(code, 0, "pod -> pod directly again: {line}");
+}

@@ -23,6 +23,7 @@ use crate::cache::{Cache, KINDS};
 use crate::health::{AgentStatus, HealthCheckServers, SharedStatus};
 use crate::proxy::ProxyDataplane;
 use crate::routes::{RouteDriver, desired_routes};
+use crate::vxlan;
 
 /// How the agent was started.
 #[derive(Clone, Debug)]
@@ -203,8 +204,35 @@ impl Agent {
 
         let mut errors = Vec::new();
         let blocks = self.cache.blocks();
-        let node_ips = self.cache.node_ips();
-        let routes = desired_routes(&node, &blocks, &node_ips);
+        // Between nodes: directly, or through VXLAN when a pool asks for it.
+        let mode = self.cache.vxlan_mode();
+        let peers: BTreeMap<String, vxlan::Peer> = self
+            .cache
+            .nodes()
+            .iter()
+            .filter_map(|(name, v)| Some((name.clone(), vxlan::Peer::from_node(v)?)))
+            .collect();
+        let needed = peers.get(&node).is_some_and(|me| {
+            peers
+                .iter()
+                .any(|(name, p)| *name != node && vxlan::tunnelled(mode, me, p))
+        }) || mode == vxlan::Mode::Always;
+        let felix = self.cache.felix(&node);
+        if let Err(e) = vxlan::sync(
+            &self.client,
+            &node,
+            self.config.node_ip,
+            needed,
+            felix.vxlan_vni.map_or(4096, |v| v.0),
+            felix.vxlan_port.map_or(4789, |p| p.0),
+            &peers,
+        )
+        .await
+        {
+            errors.push(format!("vxlan: {e:#}"));
+        }
+        let next_hops = vxlan::next_hops(&node, mode, &peers);
+        let routes = desired_routes(&node, &blocks, &next_hops);
         let route_changes = match self.routes.apply(&routes).await {
             Ok(n) => n,
             Err(e) => {

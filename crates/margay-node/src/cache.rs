@@ -61,11 +61,34 @@ impl Cache {
             .collect()
     }
 
-    /// Each node's IPv4 address, as its Node resource publishes it.
-    pub fn node_ips(&self) -> BTreeMap<String, Ipv4Addr> {
+    /// Every Node resource by name.
+    pub fn nodes(&self) -> BTreeMap<String, Value> {
         self.of_kind(Kind::Node)
-            .filter_map(|s| Some((s.key.name.clone(), node_ipv4(&s.value)?)))
+            .map(|s| (s.key.name.clone(), s.value.clone()))
             .collect()
+    }
+
+    /// The strongest `vxlanMode` among the enabled Workload pools.
+    pub fn vxlan_mode(&self) -> crate::vxlan::Mode {
+        use crate::vxlan::Mode;
+        let mut mode = Mode::Never;
+        for s in self.of_kind(Kind::IPPool) {
+            if s.value["spec"]["disabled"] == true {
+                continue;
+            }
+            let workload = s.value["spec"]["allowedUses"]
+                .as_array()
+                .is_none_or(|u| u.iter().any(|x| x == "Workload"));
+            if !workload {
+                continue;
+            }
+            match s.value["spec"]["vxlanMode"].as_str() {
+                Some("Always") => mode = Mode::Always,
+                Some("CrossSubnet") if mode == Mode::Never => mode = Mode::CrossSubnet,
+                _ => {}
+            }
+        }
+        mode
     }
 
     /// Every IPAM block and the node it is affine to.

@@ -8,6 +8,7 @@ mod health;
 mod node;
 mod proxy;
 mod routes;
+mod vxlan;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

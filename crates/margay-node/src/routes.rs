@@ -23,6 +23,12 @@ pub const ROUTE_PROTOCOL: u8 = 80;
 pub enum Route {
     /// A remote node's block, through that node.
     Via { dst: Ipv4Net, gateway: Ipv4Addr },
+    /// A remote node's block, through a tunnel device (VXLAN) to that node's tunnel address.
+    Tunnel {
+        dst: Ipv4Net,
+        gateway: Ipv4Addr,
+        dev: String,
+    },
     /// One of our own blocks: addresses in it that no local pod holds are dropped here rather
     /// than sent out of the default route (Calico does the same).
     Blackhole { dst: Ipv4Net },
@@ -31,27 +37,43 @@ pub enum Route {
 impl Route {
     pub fn dst(&self) -> Ipv4Net {
         match self {
-            Route::Via { dst, .. } | Route::Blackhole { dst } => *dst,
+            Route::Via { dst, .. } | Route::Tunnel { dst, .. } | Route::Blackhole { dst } => *dst,
         }
     }
 }
 
-/// Blocks by node, and node addresses, to routes for `node`.
+/// How to reach another node's pods.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NextHop {
+    /// Directly over the network between nodes, via the node's address.
+    Direct(Ipv4Addr),
+    /// Through a tunnel device, via the node's tunnel address.
+    Tunnel { gateway: Ipv4Addr, dev: String },
+}
+
+/// Blocks by node, and how to reach each node, to routes for `node`. A node with no next hop
+/// yet (no address published) gets no route rather than a wrong one.
 pub fn desired_routes(
     node: &str,
     blocks: &BTreeMap<Ipv4Net, String>,
-    node_ips: &BTreeMap<String, Ipv4Addr>,
+    next_hops: &BTreeMap<String, NextHop>,
 ) -> BTreeSet<Route> {
     blocks
         .iter()
         .filter_map(|(dst, owner)| {
             if owner == node {
-                Some(Route::Blackhole { dst: *dst })
-            } else {
-                node_ips.get(owner).map(|gateway| Route::Via {
+                return Some(Route::Blackhole { dst: *dst });
+            }
+            match next_hops.get(owner)? {
+                NextHop::Direct(gateway) => Some(Route::Via {
                     dst: *dst,
                     gateway: *gateway,
-                })
+                }),
+                NextHop::Tunnel { gateway, dev } => Some(Route::Tunnel {
+                    dst: *dst,
+                    gateway: *gateway,
+                    dev: dev.clone(),
+                }),
             }
         })
         .collect()
@@ -83,10 +105,20 @@ impl RouteDriver {
             let Some(dst) = r["dst"].as_str().and_then(parse_dst) else {
                 continue;
             };
+            let onlink = r["flags"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|x| x == "onlink"));
             if r["type"] == "blackhole" {
                 routes.insert(Route::Blackhole { dst });
             } else if let Some(gateway) = r["gateway"].as_str().and_then(|g| g.parse().ok()) {
-                routes.insert(Route::Via { dst, gateway });
+                match r["dev"].as_str() {
+                    Some(dev) if onlink => routes.insert(Route::Tunnel {
+                        dst,
+                        gateway,
+                        dev: dev.to_owned(),
+                    }),
+                    _ => routes.insert(Route::Via { dst, gateway }),
+                };
             }
         }
         Ok(routes)
@@ -102,7 +134,7 @@ impl RouteDriver {
             // A route whose destination stays is replaced below; only remove the others.
             if !desired_dsts.contains(&stale.dst()) {
                 match stale {
-                    Route::Via { dst, .. } => {
+                    Route::Via { dst, .. } | Route::Tunnel { dst, .. } => {
                         batch.push_str(&format!("route del {dst} proto {proto}\n"))
                     }
                     Route::Blackhole { dst } => {
@@ -115,6 +147,9 @@ impl RouteDriver {
             match new {
                 Route::Via { dst, gateway } => batch.push_str(&format!(
                     "route replace {dst} via {gateway} proto {proto}\n"
+                )),
+                Route::Tunnel { dst, gateway, dev } => batch.push_str(&format!(
+                    "route replace {dst} via {gateway} dev {dev} onlink proto {proto}\n"
                 )),
                 Route::Blackhole { dst } => {
                     batch.push_str(&format!("route replace blackhole {dst} proto {proto}\n"))
@@ -172,9 +207,15 @@ mod tests {
             ("192.168.0.128/26".parse().unwrap(), "node-3".to_owned()),
         ]
         .into();
-        let ips: BTreeMap<String, Ipv4Addr> = [
-            ("node-1".to_owned(), "10.224.0.4".parse().unwrap()),
-            ("node-2".to_owned(), "10.224.0.5".parse().unwrap()),
+        let ips: BTreeMap<String, NextHop> = [
+            (
+                "node-1".to_owned(),
+                NextHop::Direct("10.224.0.4".parse().unwrap()),
+            ),
+            (
+                "node-2".to_owned(),
+                NextHop::Direct("10.224.0.5".parse().unwrap()),
+            ),
         ]
         .into();
         let routes = desired_routes("node-1", &blocks, &ips);
