@@ -18,7 +18,7 @@ expect() { # expect "what it shows" PATTERN TEXT
   if grep -qE -- "$2" <<<"$3"; then printf '   -> ok: %s\n' "$1"; else printf '   -> FAILED: %s\n' "$1" >&2; exit 1; fi
 }
 
-step "A fresh datastore ($MARGAY_DATASTORE) holds a fresh install"
+step "The datastore ($MARGAY_DATASTORE) holds what a fresh install holds"
 out=$(show get felixconfiguration); echo "$out"
 out=$(show get installation default -o wide); echo "$out"
 expect "the cluster runs the standard (Iptables) dataplane" "default +Iptables" "$out"
