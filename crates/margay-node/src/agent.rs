@@ -35,6 +35,8 @@ pub struct AgentConfig {
     pub health_listen: SocketAddr,
     /// Where to write the agent's status after every sync (for the lab and for humans).
     pub status_file: Option<PathBuf>,
+    /// Where the agent keeps state across restarts (the WireGuard key).
+    pub state_dir: PathBuf,
 }
 
 /// How often the Node's status is refreshed even when nothing changed (last sync time).
@@ -77,6 +79,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         health_checks: HealthCheckServers::default(),
         last_node_status: None,
         last_status_write: None,
+        wireguard: crate::wireguard::WireGuard::new(config.state_dir.clone()),
     };
 
     let mut updates = margay_datastore::sync::sync(store, KINDS.to_vec());
@@ -171,6 +174,7 @@ struct Agent {
     health_checks: HealthCheckServers,
     last_node_status: Option<serde_json::Value>,
     last_status_write: Option<Instant>,
+    wireguard: crate::wireguard::WireGuard,
 }
 
 impl Agent {
@@ -240,6 +244,15 @@ impl Agent {
                 0
             }
         };
+        // WireGuard between nodes: its own routing table and rule, ahead of the main table.
+        let wg = self
+            .wireguard
+            .sync(&self.client, &self.cache, &node, self.config.node_ip)
+            .await;
+        errors.extend(wg.error);
+        if let Some(m) = wg.message {
+            message = Some(message.map_or(m.clone(), |prev| format!("{prev}; {m}")));
+        }
         let services = self.cache.services();
         let slices = self.cache.endpoint_slices();
         let pools = self.cache.pools();

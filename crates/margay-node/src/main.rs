@@ -9,6 +9,7 @@ mod node;
 mod proxy;
 mod routes;
 mod vxlan;
+mod wireguard;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -34,6 +35,10 @@ struct Args {
     /// Write the agent's status here (JSON) after every sync.
     #[arg(long)]
     status_file: Option<PathBuf>,
+    /// Where the agent keeps state across restarts (the WireGuard private key, mode 0600).
+    /// Default: /var/lib/margay/<node name>.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     /// Remove every route and iptables rule this agent owns on this node, then exit (for
     /// uninstalling, or after moving a node to another dataplane by hand).
     #[arg(long)]
@@ -58,6 +63,7 @@ fn cleanup() -> ExitCode {
     let result = runtime.block_on(async {
         let routes = routes::RouteDriver::default().cleanup().await?;
         proxy::ProxyDataplane::new().cleanup()?;
+        wireguard::cleanup("wireguard.cali").await?;
         anyhow::Ok(routes)
     });
     match result {
@@ -85,6 +91,9 @@ fn main() -> ExitCode {
         eprintln!("margay-node: --node-name and --node-ip are required");
         return ExitCode::FAILURE;
     };
+    let state_dir = args
+        .state_dir
+        .unwrap_or_else(|| wireguard::key::default_state_dir(&node));
     let config = agent::AgentConfig {
         node,
         datastore_url: args.datastore,
@@ -92,6 +101,7 @@ fn main() -> ExitCode {
         node_prefix_len: node_ip.prefix_len(),
         health_listen: args.health_listen,
         status_file: args.status_file,
+        state_dir,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -36,6 +36,12 @@ pub fn start(lab: &Lab, node: &str, datastore: &str) -> Result<u32> {
         "0.0.0.0:9099".into(),
         "--status-file".into(),
         status.to_string_lossy().into_owned(),
+        "--state-dir".into(),
+        lab.state_dir()
+            .join("nodes")
+            .join(node)
+            .to_string_lossy()
+            .into_owned(),
     ];
     let pid = lab
         .spawn(

@@ -3,7 +3,7 @@
 //! across disabling, so a node's public key changes only when its file is removed.
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -144,9 +144,8 @@ mod tests {
     #[test]
     fn public_key_matches_the_rfc7748_vector() {
         // RFC 7748 section 6.1: Alice's private key and public key.
-        let secret: [u8; 32] = decode_hex(
-            "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a",
-        );
+        let secret: [u8; 32] =
+            decode_hex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a");
         let pair = KeyPair::from_secret(secret);
         assert_eq!(
             hex(&pair.public),
@@ -154,7 +153,10 @@ mod tests {
         );
         let b64 = pair.public_base64();
         assert_eq!(b64.len(), 44);
-        assert_eq!(base64_to_hex(&b64).as_deref(), Some(hex(&pair.public).as_str()));
+        assert_eq!(
+            base64_to_hex(&b64).as_deref(),
+            Some(hex(&pair.public).as_str())
+        );
         assert!(!format!("{pair:?}").contains(&pair.secret_hex()));
     }
 
