@@ -29,10 +29,19 @@ step "Step 2: disable WireGuard"
 out=$(show --allow-version-mismatch patch felixconfiguration default --type=merge -p '{"spec":{"wireguardEnabled":false}}'); echo "$out"
 expect "calicoctl's message" "^Successfully patched 1 'FelixConfiguration' resource$" "$out"
 
-step "Step 3: no node carries WireGuard fields"
-out=$(show get nodes -o yaml); echo "$out"
-if grep -q wireguard <<<"$out"; then echo "   -> FAILED: a node still has WireGuard fields" >&2; exit 1; fi
-echo "   -> ok: nothing about wireguard on any node"
+step "Step 3: no node carries WireGuard fields (the agents withdraw them within seconds)"
+for _ in $(seq 1 60); do
+  out=$("$MARGAYCTL" get nodes -o yaml)
+  grep -q wireguard <<<"$out" || break
+  sleep 0.5
+done
+for node in $("$MARGAYCTL" get nodes -o 'jsonpath={.items[*].metadata.name}'); do
+  printf '$ margayctl --allow-version-mismatch get node %s -o yaml | grep wireguard\n' "$node"
+  if "$MARGAYCTL" --allow-version-mismatch get node "$node" -o yaml | grep wireguard; then
+    echo "   -> FAILED: $node still has WireGuard fields" >&2; exit 1
+  fi
+done
+echo "   -> ok: blank, no WireGuard interface address or public key on any node"
 
 step "Step 4b: the yaobank namespace and the LoadBalancer Service for the customer"
 out=$(cat <<'YAML' | show apply -f -

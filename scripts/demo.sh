@@ -3,7 +3,7 @@
 # Calico eBPF lab's "before" state on a real 3-node cluster made of network namespaces:
 #   margay-lab up -> yaobank + its LoadBalancer -> curl from the external client -> the customer
 #   pod logs the NODE's address (the standard dataplane masquerades, as kube-proxy does).
-# Then the configuration walkthrough of the lab's steps with margayctl.
+# The seed's configuration steps run against the live cluster first (WireGuard on, then off).
 # Usage: scripts/demo.sh [--keep]   (--keep leaves the lab up and says how to take it down)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +29,19 @@ L up
 echo; echo "== margay-lab get nodes"
 L get nodes
 
+echo; echo "== the lab starts as the seed's cluster does: with WireGuard on between the nodes"
+export MARGAY_DATASTORE="sqlite:///run/margay-lab/$lab/margay.db"
+"$bin/margayctl" patch felixconfiguration default --type merge -p '{"spec":{"wireguardEnabled":true}}'
+for _ in $(seq 1 60); do
+  keys=$("$bin/margayctl" get nodes -o 'jsonpath={.items[*].status.wireguardPublicKey}' | wc -w)
+  [ "$keys" -eq 3 ] && break
+  sleep 0.5
+done
+"$bin/margayctl" get node node-1 -o yaml | grep -i wireguard
+
+echo; echo "== the configuration steps of the lab with margayctl (WireGuard off first, as the seed does)"
+bash examples/seed-config-walkthrough.sh "$bin/margayctl"
+
 echo; echo "== deploy yaobank and the LoadBalancer Service for its customer front end"
 L apply -f examples/yaobank.yaml
 L apply -f examples/yaobank-customer-lb.yaml
@@ -42,9 +55,6 @@ for _ in 1 2 3; do L client -- curl -s -m 5 -o /dev/null "http://$SVC_HOST/"; do
 
 echo; echo "== the customer pod's log: the source is a NODE's address, as with kube-proxy"
 L logs -n yaobank deployment/customer | grep '"GET / '
-
-echo; echo "== the configuration steps of the lab with margayctl"
-MARGAY_DATASTORE="sqlite:///run/margay-lab/$lab/margay.db" bash examples/seed-config-walkthrough.sh "$bin/margayctl"
 
 if $keep; then
   echo; echo "The lab is still up. Try: $bin/margay-lab --name $lab status; take it down with: $bin/margay-lab --name $lab down"
