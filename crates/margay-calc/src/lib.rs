@@ -7,12 +7,15 @@
 //! - [`model`]: the [`Ruleset`] both produce and the iptables-restore text that applies it
 //!   ([`ruleset_to_restore`], [`RestorePlan`]).
 //! - [`scenario`]: a node context plus resources as one YAML document (golden tests, lab).
+//! - [`bpf_nat`]: the BPF dataplane's Service NAT maps ([`bpf_nat_model`]).
 
+pub mod bpf_nat;
 pub mod kube_proxy;
 pub mod model;
 pub mod nat_outgoing;
 pub mod scenario;
 
+pub use bpf_nat::{NatModel, bpf_nat_model};
 pub use kube_proxy::{NodeContext, kube_proxy_ruleset};
 pub use model::{Jump, RestorePlan, Ruleset, Table, TablePlan, TableRules, ruleset_to_restore};
 pub use nat_outgoing::nat_outgoing_rules;

@@ -3,5 +3,8 @@
 //!
 //! - [`iptables`]: the standard (Iptables) dataplane's Service rules and natOutgoing, applied
 //!   atomically with `iptables-restore`.
+//! - [`bpf`]: the BPF dataplane's Service NAT maps, written by difference, and the conntrack
+//!   cleanup.
 
+pub mod bpf;
 pub mod iptables;
