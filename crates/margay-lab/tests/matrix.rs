@@ -5,136 +5,12 @@
 //! Root only (namespaces, iptables in them); run by CI as root. Each test builds its own lab with
 //! a unique name and takes it down on drop, even when it fails.
 
-use std::io::Write;
+mod common;
+
 use std::path::PathBuf;
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::Command;
 
-/// A lab for one test, removed on drop.
-struct TestLab {
-    name: String,
-    bin_dir: PathBuf,
-}
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-fn skip_unless_root(test: &str) -> bool {
-    if margay_lab::is_root() {
-        return false;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs root, and CI must run it: run the suite as root"
-    );
-    eprintln!("skipping {test}: needs root (network namespaces, iptables)");
-    true
-}
-
-impl TestLab {
-    fn up(extra: &[&str]) -> TestLab {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("mx{:x}{n}", std::process::id() % 0xfffff);
-        let bin = PathBuf::from(env!("CARGO_BIN_EXE_margay-lab"));
-        let bin_dir = bin.parent().expect("bin dir").to_path_buf();
-        for needed in ["margay-node", "margay-demo-app"] {
-            assert!(
-                bin_dir.join(needed).is_file(),
-                "{needed} is not built next to margay-lab: run `cargo build --workspace --bins` first"
-            );
-        }
-        let lab = TestLab { name, bin_dir };
-        let mut args = vec!["up", "--nodes", "3"];
-        args.extend_from_slice(extra);
-        let out = lab.run(&args);
-        assert!(
-            out.status.success(),
-            "margay-lab up failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        lab
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(self.bin_dir.join("margay-lab"))
-            .arg("--name")
-            .arg(&self.name)
-            .args(args)
-            .output()
-            .expect("run margay-lab")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "margay-lab {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn apply(&self, yaml: &str) {
-        let mut file = tempfile::NamedTempFile::new().expect("temp file");
-        file.write_all(yaml.as_bytes()).expect("write");
-        let path = file.path().to_string_lossy().into_owned();
-        self.ok(&["apply", "-f", &path]);
-    }
-
-    fn jsonpath(&self, args: &[&str], template: &str) -> String {
-        let mut all = vec!["get"];
-        all.extend_from_slice(args);
-        let o = format!("jsonpath={template}");
-        all.extend(["-o", o.as_str()]);
-        self.ok(&all).trim().to_owned()
-    }
-
-    fn demo_app(&self) -> String {
-        self.bin_dir
-            .join("margay-demo-app")
-            .to_string_lossy()
-            .into_owned()
-    }
-
-    /// Runs `margay-demo-app probe` from `from` (`pod NAME`, `node NAME` or `client`); returns
-    /// (exit code, first line of output).
-    fn probe(&self, from: &From, proto: &str, target: &str) -> (i32, String) {
-        let app = self.demo_app();
-        let probe: Vec<&str> = vec![app.as_str(), "probe", proto, target, "--timeout", "2s"];
-        let mut args: Vec<&str> = match from {
-            From::Pod(pod) => vec!["exec", "-n", "matrix", pod, "--"],
-            From::Node(node) => vec!["node", "exec", node, "--"],
-            From::Client => vec!["client", "--"],
-        };
-        args.extend(probe);
-        let out = self.run(&args);
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        (
-            out.status.code().unwrap_or(-1),
-            if text.is_empty() { err } else { text },
-        )
-    }
-}
-
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        let out = self.run(&["down"]);
-        if !out.status.success() {
-            eprintln!(
-                "margay-lab down {} failed: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-}
-
-enum From {
-    Pod(&'static str),
-    Node(&'static str),
-    Client,
-}
+use common::{From, TestLab, peer, skip_unless_root};
 
 const WORKLOADS: &str = r#"
 apiVersion: v1
@@ -242,18 +118,13 @@ const NODE_1: &str = "10.224.0.4";
 const NODE_2: &str = "10.224.0.5";
 const CLIENT: &str = "203.0.113.10";
 
-/// The peer address in an echo line (`192.168.0.7:41234 echo-1`).
-fn peer(line: &str) -> &str {
-    line.split(':').next().unwrap_or_default()
-}
-
 #[test]
 fn iptables_connectivity_matrix() {
     if skip_unless_root("iptables_connectivity_matrix") {
         return;
     }
     // LoadBalancer traffic goes to node-2, which has no backend of `echo`.
-    let lab = TestLab::up(&["--lb-mode", "node-2"]);
+    let lab = TestLab::up("mx", &["--lb-mode", "node-2"]);
     lab.apply(WORKLOADS);
 
     let ip = |pod: &str| lab.jsonpath(&["pod", pod, "-n", "matrix"], "{.status.podIP}");
@@ -426,7 +297,7 @@ fn yaobank_before_state_logs_node_addresses() {
     if skip_unless_root("yaobank_before_state_logs_node_addresses") {
         return;
     }
-    let lab = TestLab::up(&[]);
+    let lab = TestLab::up("mx", &[]);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     for file in ["examples/yaobank.yaml", "examples/yaobank-customer-lb.yaml"] {
         let path = root.join(file).to_string_lossy().into_owned();
@@ -483,7 +354,7 @@ fn vxlan_always_carries_pod_traffic_between_nodes_in_a_tunnel() {
     if skip_unless_root("vxlan_always_carries_pod_traffic_between_nodes_in_a_tunnel") {
         return;
     }
-    let lab = TestLab::up(&[]);
+    let lab = TestLab::up("mx", &[]);
     let margayctl = lab.bin_dir.join("margayctl");
     let out = Command::new(&margayctl)
         .args([

@@ -14,116 +14,17 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
-// === the lab (as in tests/matrix.rs) ===
+mod common;
 
-/// A lab for one test, removed on drop.
-struct TestLab {
-    name: String,
-    bin_dir: PathBuf,
-}
+use common::{From, TestLab, peer, skip_unless_root};
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-fn skip_unless_root(test: &str) -> bool {
-    if margay_lab::is_root() {
-        return false;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs root, and CI must run it: run the suite as root"
-    );
-    eprintln!("skipping {test}: needs root (network namespaces, TUN, tcpdump)");
-    true
-}
+// === what these tests add to the harness ===
 
 impl TestLab {
-    fn up(extra: &[&str]) -> TestLab {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("wg{:x}{n}", std::process::id() % 0xfffff);
-        let bin = PathBuf::from(env!("CARGO_BIN_EXE_margay-lab"));
-        let bin_dir = bin.parent().expect("bin dir").to_path_buf();
-        for needed in ["margay-node", "margay-demo-app", "margayctl"] {
-            assert!(
-                bin_dir.join(needed).is_file(),
-                "{needed} is not built next to margay-lab: run `cargo build --workspace --bins` first"
-            );
-        }
-        let lab = TestLab { name, bin_dir };
-        let mut args = vec!["up", "--nodes", "3"];
-        args.extend_from_slice(extra);
-        let out = lab.run(&args);
-        assert!(
-            out.status.success(),
-            "margay-lab up failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        lab
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(self.bin_dir.join("margay-lab"))
-            .arg("--name")
-            .arg(&self.name)
-            .args(args)
-            .output()
-            .expect("run margay-lab")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "margay-lab {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn apply(&self, yaml: &str) {
-        let mut file = tempfile::NamedTempFile::new().expect("temp file");
-        file.write_all(yaml.as_bytes()).expect("write");
-        let path = file.path().to_string_lossy().into_owned();
-        self.ok(&["apply", "-f", &path]);
-    }
-
-    fn apply_example(&self, file: &str) {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let path = root.join(file).to_string_lossy().into_owned();
-        self.ok(&["apply", "-f", &path]);
-    }
-
-    fn jsonpath(&self, args: &[&str], template: &str) -> String {
-        let mut all = vec!["get"];
-        all.extend_from_slice(args);
-        let o = format!("jsonpath={template}");
-        all.extend(["-o", o.as_str()]);
-        self.ok(&all).trim().to_owned()
-    }
-
-    /// `margayctl ARGS` against the lab's datastore; returns stdout.
-    fn margayctl(&self, args: &[&str]) -> String {
-        let out = Command::new(self.bin_dir.join("margayctl"))
-            .args(args)
-            .env(
-                "MARGAY_DATASTORE",
-                format!("sqlite:///run/margay-lab/{}/margay.db", self.name),
-            )
-            .output()
-            .expect("run margayctl");
-        assert!(
-            out.status.success(),
-            "margayctl {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
     /// Patches FelixConfiguration `name` (the seed's step, with calicoctl's flags).
     fn patch_felix(&self, name: &str, spec: &str) {
         let patch = format!(r#"{{"spec":{spec}}}"#);
@@ -331,19 +232,6 @@ impl TestLab {
     }
 }
 
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        let out = self.run(&["down"]);
-        if !out.status.success() {
-            eprintln!(
-                "margay-lab down {} failed: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-}
-
 /// A running tcpdump on the underlay.
 struct Capture {
     child: Child,
@@ -509,41 +397,6 @@ spec:
   ports: [{port: 80, targetPort: 8080}]
 "#;
 
-/// Where a probe starts.
-enum From {
-    Pod(&'static str),
-    Node(&'static str),
-    Client,
-}
-
-/// Runs `margay-demo-app probe`; returns (exit code, first line).
-fn probe(lab: &TestLab, from: &From, proto: &str, target: &str) -> (i32, String) {
-    let app = lab
-        .bin_dir
-        .join("margay-demo-app")
-        .to_string_lossy()
-        .into_owned();
-    let probe: Vec<&str> = vec![app.as_str(), "probe", proto, target, "--timeout", "2s"];
-    let mut args: Vec<&str> = match from {
-        From::Pod(pod) => vec!["exec", "-n", "matrix", pod, "--"],
-        From::Node(node) => vec!["node", "exec", node, "--"],
-        From::Client => vec!["client", "--"],
-    };
-    args.extend(probe);
-    let out = lab.run(&args);
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-    (
-        out.status.code().unwrap_or(-1),
-        if text.is_empty() { err } else { text },
-    )
-}
-
-/// The peer address in an echo line (`192.168.0.7:41234 echo-1`).
-fn peer(line: &str) -> &str {
-    line.split(':').next().unwrap_or_default()
-}
-
 /// Pod traffic between every pair of nodes, both ways, TCP and UDP, straight to pod addresses:
 /// each answer must show the client pod's own address (nothing is NATed on the way).
 fn cross_node_traffic(lab: &TestLab) {
@@ -564,7 +417,7 @@ fn cross_node_traffic(lab: &TestLab) {
         } else {
             format!("{to}:8080")
         };
-        let (code, line) = probe(lab, &From::Pod(pod_name(from)), proto, &target);
+        let (code, line) = lab.probe(&From::Pod(pod_name(from)), proto, &target);
         let me = lab.pod_ip("matrix", from);
         assert!(
             code == 0 && peer(&line) == me,
@@ -624,7 +477,7 @@ fn wireguard_encrypts_pod_traffic_between_nodes_and_turns_off_without_a_trace() 
     ) {
         return;
     }
-    let lab = TestLab::up(&["--lb-mode", "node-2"]);
+    let lab = TestLab::up("wg", &["--lb-mode", "node-2"]);
     lab.apply(WORKLOADS);
     lab.apply_example("examples/yaobank.yaml");
     lab.apply_example("examples/yaobank-customer-lb.yaml");
@@ -841,7 +694,7 @@ fn wireguard_matrix(lab: &TestLab, fields: &BTreeMap<String, (Option<String>, Op
     ];
     let mut failures = Vec::new();
     for (cell, from, proto, target, want) in &cells {
-        let (code, line) = probe(lab, from, proto, target);
+        let (code, line) = lab.probe(from, proto, target);
         let ok = match want {
             Ok(source) => code == 0 && peer(&line) == source,
             Err(expected) => code == *expected,
@@ -866,7 +719,7 @@ fn wireguard_matrix(lab: &TestLab, fields: &BTreeMap<String, (Option<String>, Op
     let sticky = cluster_ip("sticky");
     let backends: BTreeSet<String> = (0..4)
         .map(|_| {
-            let (code, line) = probe(lab, &From::Pod("client-1"), "tcp", &format!("{sticky}:80"));
+            let (code, line) = lab.probe(&From::Pod("client-1"), "tcp", &format!("{sticky}:80"));
             assert_eq!(code, 0, "sticky probe failed: {line}");
             line.split_whitespace()
                 .nth(1)
@@ -891,7 +744,7 @@ fn a_node_that_cannot_run_wireguard_publishes_no_key_and_is_reached_in_the_clear
     ) {
         return;
     }
-    let lab = TestLab::up(&[]);
+    let lab = TestLab::up("wg", &[]);
     lab.apply(WORKLOADS);
     // Another interface holds the name on node-3: the agent must not take it over.
     let out = Command::new("ip")
@@ -940,7 +793,7 @@ fn a_node_that_cannot_run_wireguard_publishes_no_key_and_is_reached_in_the_clear
         ("client-1", format!("{echo3}:8080")),
         ("client-3", format!("{echo1}:8080")),
     ] {
-        let (code, line) = probe(&lab, &From::Pod(pod_name(from)), "tcp", &target);
+        let (code, line) = lab.probe(&From::Pod(pod_name(from)), "tcp", &target);
         assert_eq!(code, 0, "{from} -> {target}: {line}");
         assert_eq!(peer(&line), lab.pod_ip("matrix", from));
     }
@@ -983,7 +836,7 @@ fn toggling_wireguard_while_requests_flow_loses_none_after_it_settles() {
     if skip_unless_root("toggling_wireguard_while_requests_flow_loses_none_after_it_settles") {
         return;
     }
-    let lab = TestLab::up(&[]);
+    let lab = TestLab::up("wg", &[]);
     lab.apply(WORKLOADS);
     let echo1 = lab.pod_ip("matrix", "echo-1");
     let all = ["node-1", "node-2", "node-3"];
@@ -1083,7 +936,7 @@ fn benchmark_pod_to_pod_with_and_without_wireguard() {
     if skip_unless_root("benchmark_pod_to_pod_with_and_without_wireguard") {
         return;
     }
-    let lab = TestLab::up(&[]);
+    let lab = TestLab::up("wg", &[]);
     lab.apply(WORKLOADS);
     let echo1 = lab.pod_ip("matrix", "echo-1");
     let client1 = lab.pod_ip("matrix", "client-1");

@@ -349,7 +349,7 @@ fn join(items: Option<&Vec<Value>>, f: impl Fn(&Value) -> String) -> String {
 }
 
 /// kubectl's short ages: `45s`, `12m`, `5h`, `3d`.
-fn age(created: &Value) -> String {
+pub fn age(created: &Value) -> String {
     let Some(created) = created
         .as_str()
         .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())

@@ -7,8 +7,7 @@ use anyhow::Result;
 use margay_api::Kind;
 use margay_datastore::Key;
 use margay_lab::controller::{Cluster, agents};
-use margayctl::output::{Format, render};
-use serde_json::Value;
+use margayctl::output::{Format, age, render};
 
 use crate::cli::GetArgs;
 
@@ -107,22 +106,4 @@ fn node_table(cluster: &Cluster, items: &[margay_datastore::Stored], wide: bool)
             format!("{}\n", line.join("   ").trim_end())
         })
         .collect()
-}
-
-fn age(created: &Value) -> String {
-    let Some(t) = created
-        .as_str()
-        .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
-    else {
-        return "<unknown>".into();
-    };
-    let secs = (chrono::Utc::now() - t.with_timezone(&chrono::Utc))
-        .num_seconds()
-        .max(0);
-    match secs {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86400),
-    }
 }

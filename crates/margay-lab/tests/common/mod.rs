@@ -1,0 +1,165 @@
+//! The lab test harness shared by the lab's integration tests: a lab per test with a unique
+//! name, taken down on drop even when the test fails, and the ways tests drive it.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A lab for one test, removed on drop.
+pub struct TestLab {
+    pub name: String,
+    pub bin_dir: PathBuf,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub fn skip_unless_root(test: &str) -> bool {
+    if margay_lab::is_root() {
+        return false;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs root, and CI must run it: run the suite as root"
+    );
+    eprintln!("skipping {test}: needs root (network namespaces, iptables, TUN)");
+    true
+}
+
+impl TestLab {
+    /// Brings up a 3-node lab named `<prefix><pid><n>` with `extra` arguments to `up`.
+    pub fn up(prefix: &str, extra: &[&str]) -> TestLab {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{prefix}{:x}{n}", std::process::id() % 0xfffff);
+        let bin = PathBuf::from(env!("CARGO_BIN_EXE_margay-lab"));
+        let bin_dir = bin.parent().expect("bin dir").to_path_buf();
+        for needed in ["margay-node", "margay-demo-app", "margayctl"] {
+            assert!(
+                bin_dir.join(needed).is_file(),
+                "{needed} is not built next to margay-lab: run `cargo build --workspace --bins` first"
+            );
+        }
+        let lab = TestLab { name, bin_dir };
+        let mut args = vec!["up", "--nodes", "3"];
+        args.extend_from_slice(extra);
+        let out = lab.run(&args);
+        assert!(
+            out.status.success(),
+            "margay-lab up failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        lab
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(self.bin_dir.join("margay-lab"))
+            .arg("--name")
+            .arg(&self.name)
+            .args(args)
+            .output()
+            .expect("run margay-lab")
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "margay-lab {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn apply(&self, yaml: &str) {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(yaml.as_bytes()).expect("write");
+        let path = file.path().to_string_lossy().into_owned();
+        self.ok(&["apply", "-f", &path]);
+    }
+
+    pub fn apply_example(&self, file: &str) {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let path = root.join(file).to_string_lossy().into_owned();
+        self.ok(&["apply", "-f", &path]);
+    }
+
+    pub fn jsonpath(&self, args: &[&str], template: &str) -> String {
+        let mut all = vec!["get"];
+        all.extend_from_slice(args);
+        let o = format!("jsonpath={template}");
+        all.extend(["-o", o.as_str()]);
+        self.ok(&all).trim().to_owned()
+    }
+
+    /// `margayctl ARGS` against the lab's datastore; returns stdout.
+    pub fn margayctl(&self, args: &[&str]) -> String {
+        let out = Command::new(self.bin_dir.join("margayctl"))
+            .args(args)
+            .env(
+                "MARGAY_DATASTORE",
+                format!("sqlite:///run/margay-lab/{}/margay.db", self.name),
+            )
+            .output()
+            .expect("run margayctl");
+        assert!(
+            out.status.success(),
+            "margayctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `margay-demo-app probe` from `from`; returns (exit code, first line).
+    pub fn probe(&self, from: &From, proto: &str, target: &str) -> (i32, String) {
+        let app = self
+            .bin_dir
+            .join("margay-demo-app")
+            .to_string_lossy()
+            .into_owned();
+        let probe: Vec<&str> = vec![app.as_str(), "probe", proto, target, "--timeout", "2s"];
+        let mut args: Vec<&str> = match from {
+            From::Pod(pod) => vec!["exec", "-n", "matrix", pod, "--"],
+            From::Node(node) => vec!["node", "exec", node, "--"],
+            From::Client => vec!["client", "--"],
+        };
+        args.extend(probe);
+        let out = self.run(&args);
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        (
+            out.status.code().unwrap_or(-1),
+            if text.is_empty() { err } else { text },
+        )
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        let out = self.run(&["down"]);
+        if !out.status.success() {
+            eprintln!(
+                "margay-lab down {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+/// Where a probe starts (pods are in namespace `matrix`).
+pub enum From {
+    Pod(&'static str),
+    Node(&'static str),
+    Client,
+}
+
+/// The peer address in an echo line (`192.168.0.7:41234 echo-1`).
+pub fn peer(line: &str) -> &str {
+    line.split(':').next().unwrap_or_default()
+}
