@@ -210,6 +210,24 @@ impl Lab {
             }
             cgroup::remove_if_empty(&cg.parent());
         }
+        // Filesystems agents mounted inside the state directory (the BPF dataplane's bpffs):
+        // unmounted, deepest first, so the directory can go. Unmounting a bpffs unpins what it
+        // holds: the kernel frees maps and links no process uses any more.
+        for mount in mounts_under(store.dir()) {
+            let out = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&mount)
+                .output();
+            match out {
+                Ok(o) if o.status.success() => report.removed.push(format!("mount {mount}")),
+                Ok(o) => errors.push(Error::io_path(
+                    "unmount",
+                    Path::new(&mount),
+                    std::io::Error::other(String::from_utf8_lossy(&o.stderr).trim().to_owned()),
+                )),
+                Err(e) => errors.push(Error::io_path("unmount", Path::new(&mount), e)),
+            }
+        }
         remove_dir(store.dir(), &mut report, &mut errors);
         cgroup::remove_if_empty(Path::new(STATE_ROOT));
         cgroup::remove_if_empty(Path::new(ETC_NETNS_DIR));
@@ -260,4 +278,19 @@ fn kill_in_ns_ids(ids: &HashSet<procs::NsId>, timeout: Duration) -> Result<usize
             )));
         }
     }
+}
+
+/// Mount points at or below `dir`, deepest first.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let prefix = dir.to_string_lossy().into_owned();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut found: Vec<String> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|m| *m == prefix || m.starts_with(&format!("{prefix}/")))
+        .map(str::to_owned)
+        .collect();
+    found.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    found.dedup();
+    found
 }

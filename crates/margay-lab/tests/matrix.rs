@@ -462,3 +462,113 @@ fn vxlan_always_carries_pod_traffic_between_nodes_in_a_tunnel() {
     let (code, line) = lab.probe(&From::Pod("client-2"), "tcp", &format!("{echo1}:8080"));
     assert_eq!(code, 0, "pod -> pod directly again: {line}");
 }
+
+#[test]
+fn bpf_dataplane_matrix_keeps_client_addresses_for_local_backends() {
+    if skip_unless_root("bpf_dataplane_matrix_keeps_client_addresses_for_local_backends") {
+        return;
+    }
+    // LoadBalancer traffic goes to node-1, which runs the backend of `echo`.
+    let lab = TestLab::up("bx", &["--dataplane", "bpf", "--lb-mode", "node-1"]);
+    lab.apply(WORKLOADS);
+    let nodes = lab.ok(&["get", "nodes", "-o", "wide"]);
+    assert_eq!(
+        nodes.matches(" BPF").count(),
+        3,
+        "every node runs BPF:\n{nodes}"
+    );
+    // No kube-proxy rule is left (bpfKubeProxyIptablesCleanupEnabled defaults to true).
+    let saved = lab.ok(&["node", "exec", "node-1", "--", "iptables-save"]);
+    assert!(
+        !saved.contains("KUBE-"),
+        "kube-proxy rules left in BPF mode:\n{saved}"
+    );
+
+    let ip = |pod: &str| lab.jsonpath(&["pod", pod, "-n", "matrix"], "{.status.podIP}");
+    let cluster_ip = |svc: &str| lab.jsonpath(&["svc", svc, "-n", "matrix"], "{.spec.clusterIP}");
+    let (client1, client2, echo1) = (ip("client-1"), ip("client-2"), ip("echo-1"));
+    let echo = cluster_ip("echo");
+    let lb = lab.jsonpath(
+        &["svc", "echo-lb", "-n", "matrix"],
+        "{.status.loadBalancer.ingress[0].ip}",
+    );
+    let mut failures = Vec::new();
+    let mut check = |cell: &str, (code, line): (i32, String), want: Result<&str, ()>| {
+        let ok = match want {
+            Ok(source) => code == 0 && peer(&line) == source,
+            Err(()) => code != 0,
+        };
+        println!(
+            "{cell:<62} {} (exit {code}: {line})",
+            if ok { "ok  " } else { "FAIL" }
+        );
+        if !ok {
+            failures.push(format!("{cell}: wanted {want:?}, got exit {code}: {line}"));
+        }
+    };
+    let tcp80 = |addr: &str| format!("{addr}:80");
+    check(
+        "pod -> ClusterIP, same node (connect-time LB): pod IP",
+        lab.probe(&From::Pod("client-1"), "tcp", &tcp80(&echo)),
+        Ok(client1.as_str()),
+    );
+    check(
+        "pod -> ClusterIP, other node (connect-time LB): pod IP",
+        lab.probe(&From::Pod("client-2"), "tcp", &tcp80(&echo)),
+        Ok(client2.as_str()),
+    );
+    check(
+        "pod -> ClusterIP over UDP (TC NAT): pod IP",
+        lab.probe(&From::Pod("client-2"), "udp", &format!("{echo}:53")),
+        Ok(client2.as_str()),
+    );
+    check(
+        "node -> ClusterIP: the node's IP",
+        lab.probe(&From::Node("node-2"), "tcp", &tcp80(&echo)),
+        Ok(NODE_2),
+    );
+    check(
+        "client -> NodePort, backend on that node: the CLIENT's IP",
+        lab.probe(&From::Client, "tcp", &format!("{NODE_1}:30080")),
+        Ok(CLIENT),
+    );
+    check(
+        "client -> NodePort, Local policy, backend on that node: client IP",
+        lab.probe(&From::Client, "tcp", &format!("{NODE_1}:30081")),
+        Ok(CLIENT),
+    );
+    check(
+        "client -> NodePort, Local policy, no local backend: refused",
+        lab.probe(&From::Client, "tcp", &format!("{NODE_2}:30081")),
+        Err(()),
+    );
+    check(
+        "client -> LoadBalancer IP (router -> node-1): the CLIENT's IP",
+        lab.probe(&From::Client, "tcp", &tcp80(&lb)),
+        Ok(CLIENT),
+    );
+    check(
+        "pod -> ClusterIP without endpoints: refused",
+        lab.probe(&From::Pod("client-1"), "tcp", &tcp80(&cluster_ip("empty"))),
+        Err(()),
+    );
+    check(
+        "pod -> its own Service (hairpin): its own address",
+        lab.probe(&From::Pod("echo-1"), "tcp", &tcp80(&echo)),
+        Ok(echo1.as_str()),
+    );
+    let dns = lab.run(&[
+        "exec", "-n", "matrix", "client-1", "--", "getent", "hosts", "echo",
+    ]);
+    let answer = String::from_utf8_lossy(&dns.stdout).trim().to_owned();
+    println!("{:<62} {answer}", "pod -> kube-dns through BPF");
+    if !answer.starts_with(&echo) {
+        failures.push(format!("DNS through BPF: {answer:?}"));
+    }
+    assert!(
+        failures.is_empty(),
+        "BPF matrix cells failed:\n{}",
+        failures.join("\n")
+    );
+    drop(lab);
+}

@@ -19,6 +19,7 @@ use margay_api::operator::LinuxDataplane;
 use margay_datastore::{Client, SyncStatus, SyncUpdate};
 use serde_json::json;
 
+use crate::bpf_mode::BpfDataplane;
 use crate::cache::{Cache, KINDS};
 use crate::health::{AgentStatus, HealthCheckServers, SharedStatus};
 use crate::proxy::ProxyDataplane;
@@ -37,6 +38,10 @@ pub struct AgentConfig {
     pub status_file: Option<PathBuf>,
     /// Where the agent keeps state across restarts (the WireGuard key).
     pub state_dir: PathBuf,
+    /// The bpffs directory the BPF dataplane pins its maps and links in (mounted if needed).
+    pub bpffs_dir: PathBuf,
+    /// The cgroup v2 directory connect-time load balancing attaches to.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// How often the Node's status is refreshed even when nothing changed (last sync time).
@@ -80,6 +85,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         last_node_status: None,
         last_status_write: None,
         wireguard: crate::wireguard::WireGuard::new(config.state_dir.clone()),
+        bpf: None,
     };
 
     let mut updates = margay_datastore::sync::sync(store, KINDS.to_vec());
@@ -175,6 +181,8 @@ struct Agent {
     last_node_status: Option<serde_json::Value>,
     last_status_write: Option<Instant>,
     wireguard: crate::wireguard::WireGuard,
+    /// The BPF dataplane while it is in use.
+    bpf: Option<BpfDataplane>,
 }
 
 impl Agent {
@@ -199,12 +207,7 @@ impl Agent {
         let revision = self.cache.revision;
         let node = self.config.node.clone();
         let requested = self.cache.requested_dataplane(&node);
-        let mut message = None;
-        if requested != LinuxDataplane::Iptables {
-            message = Some(format!(
-                "{requested} was requested, but this agent runs only the Iptables dataplane so far; staying in Iptables"
-            ));
-        }
+        let mut message: Option<String> = None;
 
         let mut errors = Vec::new();
         let blocks = self.cache.blocks();
@@ -257,10 +260,70 @@ impl Agent {
         let slices = self.cache.endpoint_slices();
         let pools = self.cache.pools();
         let local_ips: Vec<Ipv4Addr> = vec![self.config.node_ip];
-        let proxy = self
-            .proxy
-            .sync(&node, &local_ips, &services, &slices, &pools)
-            .await;
+        // The Service dataplane: BPF when asked for and the node passes the preflight,
+        // kube-proxy's rules otherwise.
+        let mut active = LinuxDataplane::Iptables;
+        let mut leaving_bpf = None;
+        let mut bpf_summary = String::new();
+        match requested {
+            LinuxDataplane::Bpf => {
+                if self.bpf.is_none() {
+                    let started = tokio::task::block_in_place(|| {
+                        BpfDataplane::start(
+                            &self.config.bpffs_dir,
+                            &felix,
+                            self.config.cgroup.as_deref(),
+                        )
+                    });
+                    match started {
+                        Ok(bpf) => {
+                            tracing::info!("BPF dataplane loaded");
+                            self.bpf = Some(bpf);
+                        }
+                        Err(e) => {
+                            message = Some(format!(
+                                "BPF was requested but this node failed the preflight ({e:#}); staying in Iptables"
+                            ));
+                        }
+                    }
+                }
+                if let Some(bpf) = self.bpf.as_mut() {
+                    let cidrs: Vec<ipnet::Ipv4Net> = pools.iter().map(|(n, _)| *n).collect();
+                    match tokio::task::block_in_place(|| {
+                        bpf.sync(&node, &local_ips, &cidrs, &services, &slices, &felix)
+                    }) {
+                        Ok(summary) => {
+                            active = LinuxDataplane::Bpf;
+                            bpf_summary = summary;
+                        }
+                        Err(e) => errors.push(format!("bpf: {e:#}")),
+                    }
+                }
+            }
+            LinuxDataplane::Iptables => leaving_bpf = self.bpf.take(),
+            other => {
+                message = Some(format!(
+                    "{other} is not a dataplane this agent runs; staying in Iptables"
+                ));
+            }
+        }
+        // In BPF mode kube-proxy's Service rules go (bpfKubeProxyIptablesCleanupEnabled, the
+        // default) or stay untouched but unused; natOutgoing stays either way.
+        let cleanup = felix.bpf_kube_proxy_iptables_cleanup_enabled != Some(false);
+        let proxy = if active == LinuxDataplane::Bpf && cleanup {
+            self.proxy.sync_nat_outgoing_only(&pools).await
+        } else {
+            self.proxy
+                .sync(&node, &local_ips, &services, &slices, &pools)
+                .await
+        };
+        // Back to Iptables: the rules above are in place before the programs go.
+        if let Some(bpf) = leaving_bpf {
+            match tokio::task::block_in_place(|| bpf.remove()) {
+                Ok(()) => tracing::info!("BPF dataplane removed"),
+                Err(e) => errors.push(format!("bpf removal: {e:#}")),
+            }
+        }
         let rule_summary = match proxy {
             Ok(summary) => {
                 self.health_checks.update(&summary.health_checks).await;
@@ -283,6 +346,8 @@ impl Agent {
                 routes = routes.len(),
                 route_changes,
                 rules = %rule_summary,
+                bpf = %bpf_summary,
+                dataplane = active.as_str(),
                 "dataplane sync"
             ),
             Some(e) => {
@@ -294,7 +359,7 @@ impl Agent {
             let Ok(mut st) = self.status.write() else {
                 return;
             };
-            st.dataplane = LinuxDataplane::Iptables.to_string();
+            st.dataplane = active.to_string();
             st.syncs += 1;
             st.synced_revision = revision;
             st.last_sync_time = Some(now.clone());
@@ -318,6 +383,7 @@ impl Agent {
         let substantive = json!({
             "podCIDRs": pod_cidrs,
             "requested": requested.as_str(),
+            "active": active.as_str(),
             "message": message.clone().or(error.clone()),
         });
         let heartbeat_due = self
@@ -328,7 +394,7 @@ impl Agent {
                 "podCIDRs": if pod_cidrs.is_empty() { serde_json::Value::Null } else { json!(pod_cidrs) },
                 "dataplane": {
                     "requested": requested.as_str(),
-                    "active": LinuxDataplane::Iptables.as_str(),
+                    "active": active.as_str(),
                     "message": message.or(error),
                     "lastSyncTime": now,
                     "lastSyncDurationMs": (ms * 1000.0).round() / 1000.0,

@@ -3,6 +3,7 @@
 //! health checks load balancers probe, and its own Node resource.
 
 mod agent;
+mod bpf_mode;
 mod cache;
 mod health;
 mod node;
@@ -39,6 +40,13 @@ struct Args {
     /// Default: /var/lib/margay/<node name>.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// The bpffs directory the BPF dataplane pins its maps and links in (mounted if needed).
+    #[arg(long, default_value = bpf_mode::DEFAULT_BPFFS_DIR)]
+    bpffs_dir: PathBuf,
+    /// The cgroup v2 directory connect-time load balancing attaches to (FelixConfiguration's
+    /// cgroupV2Path; the whole host's root cgroup on a real node).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
     /// Remove every route and iptables rule this agent owns on this node, then exit (for
     /// uninstalling, or after moving a node to another dataplane by hand).
     #[arg(long)]
@@ -102,6 +110,8 @@ fn main() -> ExitCode {
         health_listen: args.health_listen,
         status_file: args.status_file,
         state_dir,
+        bpffs_dir: args.bpffs_dir,
+        cgroup: args.cgroup,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

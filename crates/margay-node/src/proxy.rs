@@ -63,6 +63,28 @@ impl ProxyDataplane {
         })
     }
 
+    /// Keeps only Calico's natOutgoing rules: in BPF mode (with
+    /// `bpfKubeProxyIptablesCleanupEnabled`) every KUBE-* chain and jump goes. KUBE-FORWARD's
+    /// "drop INVALID" would otherwise drop the replies of flows the BPF programs NAT, which the
+    /// kernel's conntrack never saw.
+    pub async fn sync_nat_outgoing_only(
+        &mut self,
+        pools: &[(Ipv4Net, bool)],
+    ) -> Result<ProxySummary> {
+        let mut ruleset = margay_calc::Ruleset::default();
+        ruleset.add_nat_outgoing(pools);
+        let report = tokio::task::block_in_place(|| self.driver.sync(&ruleset))?;
+        Ok(ProxySummary {
+            description: format!(
+                "kube-proxy rules removed, natOutgoing kept ({} rules); wrote {} chains, deleted {}",
+                ruleset.rule_count(),
+                report.chains_written,
+                report.chains_deleted
+            ),
+            health_checks: BTreeMap::new(),
+        })
+    }
+
     /// Removes every rule this dataplane owns.
     pub fn cleanup(&mut self) -> Result<()> {
         self.driver.cleanup()?;

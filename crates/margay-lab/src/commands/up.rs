@@ -61,13 +61,11 @@ async fn start_cluster(lab: &Lab, args: &UpArgs, started: Instant) -> Result<()>
             started.elapsed().as_secs_f64() * 1000.0
         );
     };
-    match args.dataplane.as_str() {
-        "iptables" => {}
-        "bpf" => anyhow::bail!(
-            "--dataplane bpf: the BPF programs exist (crates/margay-bpf) but the agent does not drive them yet; use --dataplane iptables"
-        ),
+    let dataplane = match args.dataplane.as_str() {
+        "iptables" => "Iptables",
+        "bpf" => "BPF",
         other => anyhow::bail!("--dataplane {other:?}: use iptables or bpf"),
-    }
+    };
     let url = args
         .datastore
         .clone()
@@ -78,7 +76,15 @@ async fn start_cluster(lab: &Lab, args: &UpArgs, started: Instant) -> Result<()>
     )?;
     let cluster = Cluster::connect(lab.clone(), url.clone()).await?;
     cluster.install_system().await?;
-    step("datastore", url.clone());
+    cluster
+        .client
+        .patch(
+            &margay_datastore::Key::new(margay_api::Kind::Installation, None, "default"),
+            &format!(r#"{{"spec":{{"calicoNetwork":{{"linuxDataplane":"{dataplane}"}}}}}}"#),
+            margay_api::patch::PatchType::Merge,
+        )
+        .await?;
+    step("datastore", format!("{url}, dataplane {dataplane}"));
     for node in cluster.node_names()? {
         prepare_node(lab, &node)?;
         agents::start(lab, &node, &url)?;

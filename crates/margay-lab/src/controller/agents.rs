@@ -42,7 +42,14 @@ pub fn start(lab: &Lab, node: &str, datastore: &str) -> Result<u32> {
             .join(node)
             .to_string_lossy()
             .into_owned(),
+        "--bpffs-dir".into(),
+        bpffs_dir(lab, node).to_string_lossy().into_owned(),
     ];
+    let mut argv = argv;
+    if let Some(cgroup) = lab.cgroup_dir(&Target::node(node))? {
+        argv.push("--cgroup".into());
+        argv.push(cgroup.to_string_lossy().into_owned());
+    }
     let pid = lab
         .spawn(
             &Target::node(node),
@@ -53,6 +60,12 @@ pub fn start(lab: &Lab, node: &str, datastore: &str) -> Result<u32> {
         )
         .with_context(|| format!("cannot start the agent of {node}"))?;
     Ok(pid)
+}
+
+/// Where a node's agent pins its BPF maps and links: a bpffs the agent mounts inside the lab's
+/// state directory (`down` unmounts it).
+pub fn bpffs_dir(lab: &Lab, node: &str) -> PathBuf {
+    lab.state_dir().join("bpf").join(node)
 }
 
 /// An agent's last status, if it wrote one.

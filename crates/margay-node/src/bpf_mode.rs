@@ -1,0 +1,256 @@
+//! The BPF dataplane on this node: the programs of `margay-bpf` loaded with their maps pinned
+//! under the agent's bpffs directory, TC programs on the host data interfaces and on every pod
+//! veth, connect-time load balancing on the node's cgroup, and the NAT maps kept equal to the
+//! Services and EndpointSlices by margay-dataplane's driver (only differences are written).
+//!
+//! Pins make it restart-proof: a restarted agent adopts the maps (with their conntrack) and the
+//! pinned links, so established flows go on while the agent is down.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use margay_api::calico::FelixConfigurationSpec;
+use margay_bpf::{CgroupProgram, Config, Dataplane, TcMode, TcProgram};
+use margay_calc::NodeContext;
+use margay_dataplane::bpf::{BpfNatDriver, Timeouts, map_sizes};
+
+/// How often expired and orphaned conntrack pairs are removed (Calico scans every 10 s).
+const CONNTRACK_SCAN: Duration = Duration::from_secs(10);
+
+/// Where the agent pins by default.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/margay";
+
+pub struct BpfDataplane {
+    dp: Dataplane,
+    driver: BpfNatDriver,
+    pin_dir: PathBuf,
+    attached: BTreeSet<(String, &'static str)>,
+    last_scan: Instant,
+}
+
+impl std::fmt::Debug for BpfDataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BpfDataplane")
+            .field("pin_dir", &self.pin_dir)
+            .field("attached", &self.attached.len())
+            .finish()
+    }
+}
+
+/// Mounts a bpffs at `dir` unless one is there already (bpffs is not always mounted, and the
+/// agent may pin in a directory of its own).
+fn ensure_bpffs(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+    let mounted = mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, at, kind) = (f.next(), f.next(), f.next());
+        kind == Some("bpf") && at.map(Path::new) == Some(canonical.as_path())
+    });
+    if !mounted {
+        let out = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&canonical)
+            .output()
+            .context("cannot run mount")?;
+        if !out.status.success() {
+            bail!(
+                "cannot mount bpffs at {}: {}",
+                canonical.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        tracing::info!(dir = %canonical.display(), "mounted bpffs");
+    }
+    Ok(())
+}
+
+impl BpfDataplane {
+    /// The preflight and the load: BTF and the verifier accept the programs, the maps are
+    /// created or adopted, connect-time load balancing attaches to `cgroup`.
+    pub fn start(
+        bpffs: &Path,
+        felix: &FelixConfigurationSpec,
+        cgroup: Option<&Path>,
+    ) -> Result<Self> {
+        if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+            bail!("the kernel has no BTF (/sys/kernel/btf/vmlinux), which the BPF programs need");
+        }
+        ensure_bpffs(bpffs)?;
+        // Replies the programs SNAT back to a NodePort carry this node's own address as source
+        // and are forwarded from a pod's veth: without accept_local the kernel drops them as
+        // martians.
+        std::fs::write("/proc/sys/net/ipv4/conf/all/accept_local", "1")
+            .context("cannot set net.ipv4.conf.all.accept_local")?;
+        let pin_dir = bpffs.join("maps");
+        let mut config = Config::new(&pin_dir);
+        config.sizes = map_sizes(felix);
+        config.ctlb_udp = matches!(
+            felix.bpf_connect_time_load_balancing,
+            Some(margay_api::calico::felix::ConnectTimeLoadBalancing::Enabled)
+        );
+        let mut dp = Dataplane::load(&config).context("cannot load the BPF programs")?;
+        if !dp.replaced_maps().is_empty() {
+            tracing::warn!(maps = ?dp.replaced_maps(), "recreated pinned maps whose layout or size changed");
+        }
+        let ctlb = !matches!(
+            felix.bpf_connect_time_load_balancing,
+            Some(margay_api::calico::felix::ConnectTimeLoadBalancing::Disabled)
+        );
+        let resolved = match cgroup {
+            Some(c) if c.exists() => Some(c.to_owned()),
+            _ => own_cgroup(bpffs).ok(),
+        };
+        if let (true, Some(cgroup)) = (ctlb, resolved.as_deref()) {
+            let links = bpffs.join("links");
+            std::fs::create_dir_all(&links)?;
+            for prog in CgroupProgram::ALL {
+                let pin = links.join(format!("cgroup_{}", prog.name()));
+                dp.attach_cgroup_pinned(prog, cgroup, &pin)
+                    .with_context(|| {
+                        format!("cannot attach {} to {}", prog.name(), cgroup.display())
+                    })?;
+            }
+            tracing::info!(cgroup = %cgroup.display(), "connect-time load balancing attached");
+        }
+        let driver = BpfNatDriver::new(dp.maps()?).context("cannot open the NAT maps")?;
+        Ok(BpfDataplane {
+            dp,
+            driver,
+            pin_dir: bpffs.to_owned(),
+            attached: BTreeSet::new(),
+            last_scan: Instant::now(),
+        })
+    }
+
+    /// Attaches the TC programs to new interfaces, writes the NAT maps, and now and then removes
+    /// expired conntrack pairs. Returns a one-line summary.
+    pub fn sync(
+        &mut self,
+        node: &str,
+        node_ips: &[Ipv4Addr],
+        pools: &[Ipv4Net],
+        services: &[Service],
+        slices: &[EndpointSlice],
+        felix: &FelixConfigurationSpec,
+    ) -> Result<String> {
+        let pattern = felix
+            .bpf_data_iface_pattern
+            .as_ref()
+            .map(|p| p.regex().clone())
+            .context("no bpfDataIfacePattern")?;
+        let links = self.pin_dir.join("links");
+        std::fs::create_dir_all(&links)?;
+        for iface in interfaces()? {
+            let progs: &[TcProgram] = if iface.starts_with("cali") {
+                &[TcProgram::FromWorkload, TcProgram::ToWorkload]
+            } else if pattern.is_match(&iface) {
+                &[TcProgram::FromHostIface, TcProgram::ToHostIface]
+            } else {
+                &[]
+            };
+            for prog in progs {
+                if self.attached.contains(&(iface.clone(), prog.name())) {
+                    continue;
+                }
+                let pin = links.join(format!("tc_{}_{}", iface.replace('.', "_"), prog.name()));
+                self.dp
+                    .attach_tc_pinned(*prog, &iface, &pin, TcMode::Auto)
+                    .with_context(|| format!("cannot attach {} to {iface}", prog.name()))?;
+                self.attached.insert((iface.clone(), prog.name()));
+            }
+        }
+        let context = NodeContext {
+            node_name: node.to_owned(),
+            node_ips: node_ips.to_vec(),
+            cluster_cidrs: pools.to_vec(),
+        };
+        let report = self.driver.sync(services, slices, &context)?;
+        let mut summary = format!("{} programs attached; NAT {report:?}", self.attached.len());
+        if self.last_scan.elapsed() >= CONNTRACK_SCAN {
+            self.last_scan = Instant::now();
+            let cleaned = self
+                .driver
+                .cleanup_conntrack(&Timeouts::from_felix(felix))?;
+            summary.push_str(&format!("; conntrack cleanup {cleaned:?}"));
+        }
+        Ok(summary)
+    }
+
+    /// Detaches everything: unpinning the links detaches the programs; the maps go with their
+    /// pins. Afterwards nothing of ours stays in the kernel.
+    pub fn remove(self) -> Result<()> {
+        let dir = self.pin_dir.clone();
+        drop(self);
+        for sub in ["links", "maps"] {
+            let path = dir.join(sub);
+            if path.exists() {
+                std::fs::remove_dir_all(&path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// This process's own cgroup v2 directory, for when the configured one is not visible: inside
+/// `ip netns exec` (the lab), /sys is a fresh sysfs without the cgroup mounts. Mounts cgroup2 at
+/// a directory beside the bpffs one, in this process's mount namespace only.
+fn own_cgroup(bpffs: &Path) -> Result<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup")?;
+    let relative = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("this process is in no cgroup v2")?
+        .trim_start_matches('/')
+        .to_owned();
+    let root = bpffs.with_extension("cgroup2");
+    std::fs::create_dir_all(&root)?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mounted = mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(&*root.to_string_lossy()));
+    if !mounted {
+        let out = std::process::Command::new("mount")
+            .args(["-t", "cgroup2", "none"])
+            .arg(&root)
+            .output()
+            .context("cannot run mount")?;
+        if !out.status.success() {
+            bail!(
+                "cannot mount cgroup2 at {}: {}",
+                root.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    let dir = root.join(relative);
+    if !dir.exists() {
+        bail!("cgroup {} does not exist", dir.display());
+    }
+    Ok(dir)
+}
+
+/// The names of this namespace's interfaces.
+fn interfaces() -> Result<Vec<String>> {
+    let out = std::process::Command::new("ip")
+        .args(["-j", "link", "show"])
+        .output()
+        .context("cannot run ip link")?;
+    let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    Ok(links
+        .iter()
+        .filter(|l| {
+            l["operstate"] != "DOWN" || l["ifname"].as_str().is_some_and(|n| n.starts_with("cali"))
+        })
+        .filter_map(|l| l["ifname"].as_str().map(str::to_owned))
+        .filter(|n| n != "lo")
+        .collect())
+}
