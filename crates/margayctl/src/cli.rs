@@ -46,6 +46,9 @@ pub enum Command {
     Label(LabelArgs),
     /// Show the client's and the cluster's versions.
     Version,
+    /// Node commands: `node status [NODE]`.
+    #[command(subcommand)]
+    Node(NodeCommand),
 }
 
 #[derive(Debug, Args)]
@@ -115,4 +118,17 @@ pub struct LabelArgs {
     /// Remove the named labels.
     #[arg(long)]
     pub remove: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Per node: the dataplane requested and in use, why they differ, the last sync and its
+    /// duration, the pod CIDRs and WireGuard key, as each node's agent reports them.
+    Status {
+        /// One node; every node when omitted.
+        node: Option<String>,
+        /// Output: ps (default) or json.
+        #[arg(short = 'o', long, default_value = "ps")]
+        output: String,
+    },
 }

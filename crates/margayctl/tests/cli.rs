@@ -755,3 +755,38 @@ spec:
         }
     }
 }
+
+#[test]
+fn node_status_reports_each_agents_dataplane() {
+    let env = Env::new();
+    let err = env.fails(&["node", "status"], None);
+    assert!(err.contains("no Node is registered yet"), "{err}");
+    let node = r#"
+apiVersion: projectcalico.org/v3
+kind: Node
+metadata: {name: node-1}
+spec:
+  addresses: [{address: 10.224.0.4/16, type: CalicoNodeIP}]
+status:
+  podCIDRs: [192.168.0.0/26]
+  dataplane:
+    requested: BPF
+    active: Iptables
+    message: "BPF was requested but this node failed the preflight (no BTF); staying in Iptables"
+    lastSyncTime: "2026-11-26T10:00:00.000Z"
+    lastSyncDurationMs: 12.5
+"#;
+    env.ok_stdin(&["apply", "-f", "-"], node);
+    let table = env.ok(&["node", "status"]);
+    let line = table.lines().nth(1).expect("a row");
+    assert!(line.starts_with("node-1"), "{table}");
+    assert!(
+        line.contains("BPF") && line.contains("Iptables") && line.contains("failed the preflight"),
+        "{table}"
+    );
+    let json: Value =
+        serde_json::from_str(&env.ok(&["node", "status", "node-1", "-o", "json"])).unwrap();
+    assert_eq!(json[0]["active"], "Iptables");
+    assert_eq!(json[0]["podCIDRs"], json!(["192.168.0.0/26"]));
+    env.fails(&["node", "status", "node-9"], None);
+}

@@ -3,6 +3,7 @@
 mod delete;
 mod get;
 mod label;
+mod node;
 mod patch;
 mod version;
 mod write;
@@ -32,6 +33,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Patch(args) => patch::run(&client, args, namespace).await,
         Command::Label(args) => label::run(&client, args, namespace).await,
         Command::Version => version::run(&client).await,
+        Command::Node(command) => node::run(&client, command).await,
     }
 }
 
