@@ -128,7 +128,8 @@ impl Client {
     ) -> Result<Vec<Stored>, ClientError> {
         let prepared = prepare_all(manifests, default_namespace)?;
         for attempt in 1..=MAX_ATTEMPTS {
-            let ops = self.plan(&prepared, mode).await?;
+            let mut ops = self.plan(&prepared, mode).await?;
+            self.link_dataplane(&mut ops).await?;
             match self.store.commit(ops).await {
                 // Report what was asked for, not the allocation lock the registry added.
                 Ok(mut stored) => {
@@ -411,6 +412,7 @@ impl Client {
                     expected: Some(pinned.unwrap_or(current.revision)),
                 },
             );
+            self.link_dataplane(&mut ops).await?;
             match self.store.commit(ops).await {
                 Ok(stored) => {
                     return stored.into_iter().next().ok_or_else(|| {
@@ -431,6 +433,151 @@ impl Client {
         Err(ClientError::Refused(
             "gave up after too many concurrent modifications; try again".into(),
         ))
+    }
+}
+
+/// The annotation Calico's operator puts on FelixConfiguration `default` when it manages
+/// `bpfEnabled` from the Installation.
+pub const BPF_ENABLED_ANNOTATION: &str = "operator.tigera.io/bpfEnabled";
+
+impl Client {
+    /// Keeps Installation `default`'s `linuxDataplane` and FelixConfiguration `default`'s
+    /// `bpfEnabled` in step, as Calico's operator does, inside the same commit: a write of the
+    /// Installation sets `bpfEnabled` (and the operator's annotation) to follow it; a write that
+    /// changes `bpfEnabled` moves the Installation along; one commit writing both in
+    /// contradiction is refused with a message naming both.
+    async fn link_dataplane(&self, ops: &mut Vec<Op>) -> Result<(), ClientError> {
+        let installation = Key::new(Kind::Installation, None, "default");
+        let felix = Key::new(Kind::FelixConfiguration, None, "default");
+        let position = |ops: &[Op], key: &Key| {
+            ops.iter().position(|op| {
+                matches!(op, Op::Create { key: k, .. } | Op::Update { key: k, .. } if k == key)
+            })
+        };
+        let dataplane_of = |inst: &Value| -> String {
+            inst["spec"]["calicoNetwork"]["linuxDataplane"]
+                .as_str()
+                .unwrap_or("Iptables")
+                .to_owned()
+        };
+        match (position(ops, &installation), position(ops, &felix)) {
+            (None, None) => Ok(()),
+            (Some(i), Some(f)) => {
+                let dp = value_mut(&mut ops[i])
+                    .map(|v| dataplane_of(v))
+                    .unwrap_or_default();
+                let Some(fv) = value_mut(&mut ops[f]) else {
+                    return Ok(());
+                };
+                if let Some(bpf) = fv["spec"]["bpfEnabled"].as_bool()
+                    && bpf != (dp == "BPF")
+                {
+                    return Err(ClientError::Refused(format!(
+                        "FelixConfiguration default spec.bpfEnabled: {bpf} contradicts Installation default spec.calicoNetwork.linuxDataplane: {dp}; make them agree (or set only one: the other follows)"
+                    )));
+                }
+                follow_dataplane(fv, &dp);
+                Ok(())
+            }
+            (Some(i), None) => {
+                let dp = value_mut(&mut ops[i])
+                    .map(|v| dataplane_of(v))
+                    .unwrap_or_default();
+                let current = match self.store.get(&felix).await {
+                    Ok(c) => c,
+                    Err(Error::NotFound(_)) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                };
+                let mut next = current.value.clone();
+                follow_dataplane(&mut next, &dp);
+                if next != current.value {
+                    ops.push(Op::Update {
+                        key: felix,
+                        value: without_resource_version(next),
+                        expected: Some(current.revision),
+                    });
+                }
+                Ok(())
+            }
+            (None, Some(f)) => {
+                let Some(wanted) =
+                    value_mut(&mut ops[f]).map(|v| v["spec"]["bpfEnabled"].as_bool())
+                else {
+                    return Ok(());
+                };
+                let stored_bpf = match self.store.get(&felix).await {
+                    Ok(c) => c.value["spec"]["bpfEnabled"].as_bool(),
+                    Err(Error::NotFound(_)) => None,
+                    Err(e) => return Err(e.into()),
+                };
+                if wanted == stored_bpf {
+                    return Ok(());
+                }
+                let current = match self.store.get(&installation).await {
+                    Ok(c) => c,
+                    Err(Error::NotFound(_)) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                };
+                let dp = if wanted == Some(true) {
+                    "BPF"
+                } else {
+                    "Iptables"
+                };
+                if let Some(fv) = value_mut(&mut ops[f]) {
+                    follow_dataplane(fv, dp);
+                }
+                if dataplane_of(&current.value) != dp {
+                    let mut next = current.value.clone();
+                    if !next["spec"]["calicoNetwork"].is_object() {
+                        next["spec"]["calicoNetwork"] = Value::Object(Default::default());
+                    }
+                    next["spec"]["calicoNetwork"]["linuxDataplane"] = dp.into();
+                    ops.push(Op::Update {
+                        key: installation,
+                        value: without_resource_version(next),
+                        expected: Some(current.revision),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The document an op writes, if it writes one.
+fn value_mut(op: &mut Op) -> Option<&mut Value> {
+    match op {
+        Op::Create { value, .. } | Op::Update { value, .. } => Some(value),
+        Op::Delete { .. } => None,
+    }
+}
+
+/// Sets FelixConfiguration's `bpfEnabled` as the operator does for dataplane `dp`: `true` with
+/// the operator's annotation for BPF; unset (false) without it otherwise.
+fn follow_dataplane(felix: &mut Value, dp: &str) {
+    let bpf = dp == "BPF";
+    if let Some(spec) = felix["spec"].as_object_mut() {
+        if bpf {
+            spec.insert("bpfEnabled".into(), true.into());
+        } else {
+            spec.remove("bpfEnabled");
+        }
+    }
+    let Some(meta) = felix["metadata"].as_object_mut() else {
+        return;
+    };
+    let annotations = meta
+        .entry("annotations")
+        .or_insert_with(|| Value::Object(Default::default()));
+    if let Some(a) = annotations.as_object_mut() {
+        if bpf {
+            a.insert(BPF_ENABLED_ANNOTATION.into(), "true".into());
+        } else {
+            a.remove(BPF_ENABLED_ANNOTATION);
+        }
+    }
+    if annotations.as_object().is_some_and(|a| a.is_empty()) {
+        meta.remove("annotations");
     }
 }
 

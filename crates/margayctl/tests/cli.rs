@@ -790,3 +790,54 @@ status:
     assert_eq!(json[0]["podCIDRs"], json!(["192.168.0.0/26"]));
     env.fails(&["node", "status", "node-9"], None);
 }
+
+#[test]
+fn installation_and_bpf_enabled_move_together() {
+    let env = Env::new();
+    env.ok(&[
+        "patch",
+        "installation",
+        "default",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"calicoNetwork":{"linuxDataplane":"BPF"}}}"#,
+    ]);
+    let felix = env.get_json(&["felixconfig", "default"]);
+    assert_eq!(felix["spec"]["bpfEnabled"], true);
+    assert_eq!(
+        felix["metadata"]["annotations"]["operator.tigera.io/bpfEnabled"],
+        "true"
+    );
+    // Patching bpfEnabled directly works too, and the Installation follows.
+    env.ok(&[
+        "patch",
+        "felixconfig",
+        "default",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"bpfEnabled":false}}"#,
+    ]);
+    let inst = env.get_json(&["installation", "default"]);
+    assert_eq!(inst["spec"]["calicoNetwork"]["linuxDataplane"], "Iptables");
+    let felix = env.get_json(&["felixconfig", "default"]);
+    assert!(felix["metadata"].get("annotations").is_none(), "{felix}");
+    // One write that contradicts itself is refused, naming both, and changes nothing.
+    let both = r#"
+apiVersion: operator.tigera.io/v1
+kind: Installation
+metadata: {name: default}
+spec: {calicoNetwork: {linuxDataplane: BPF}}
+---
+apiVersion: projectcalico.org/v3
+kind: FelixConfiguration
+metadata: {name: default}
+spec: {bpfLogLevel: "", bpfEnabled: false}
+"#;
+    let err = env.fails(&["apply", "-f", "-"], Some(both));
+    assert!(
+        err.contains("FelixConfiguration default spec.bpfEnabled: false contradicts Installation default spec.calicoNetwork.linuxDataplane: BPF"),
+        "{err}"
+    );
+}
