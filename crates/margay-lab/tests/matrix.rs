@@ -572,3 +572,95 @@ fn bpf_dataplane_matrix_keeps_client_addresses_for_local_backends() {
     );
     drop(lab);
 }
+
+#[test]
+fn switching_dataplanes_live_keeps_new_requests_working() {
+    if skip_unless_root("switching_dataplanes_live_keeps_new_requests_working") {
+        return;
+    }
+    let lab = TestLab::up("sw", &["--lb-mode", "node-1"]);
+    lab.apply(WORKLOADS);
+    let lb = lab.jsonpath(
+        &["svc", "echo-lb", "-n", "matrix"],
+        "{.status.loadBalancer.ingress[0].ip}",
+    );
+    let app = lab
+        .bin_dir
+        .join("margay-demo-app")
+        .to_string_lossy()
+        .into_owned();
+    let target = format!("{lb}:80");
+    // A steady stream of new connections from the external client while the cluster switches
+    // Iptables -> BPF -> Iptables through the Installation, as the seed does.
+    let stream = Command::new(lab.bin_dir.join("margay-lab"))
+        .args([
+            "--name", &lab.name, "client", "--", &app, "probe", "tcp", &target,
+        ])
+        .args(["--count", "300", "--interval", "20ms", "--timeout", "1s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("request stream");
+    let switch = |dp: &str| {
+        let out = Command::new(lab.bin_dir.join("margayctl"))
+            .args(["patch", "installation", "default", "--type", "merge", "-p"])
+            .arg(format!(
+                r#"{{"spec":{{"calicoNetwork":{{"linuxDataplane":"{dp}"}}}}}}"#
+            ))
+            .env(
+                "MARGAY_DATASTORE",
+                format!("sqlite:///run/margay-lab/{}/margay.db", lab.name),
+            )
+            .output()
+            .expect("margayctl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let wait_for = |dp: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let active = lab.jsonpath(&["nodes"], "{.items[*].status.dataplane.active}");
+            if active.split_whitespace().all(|a| a == dp) && active.split_whitespace().count() == 3
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nodes did not switch to {dp}: {active}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    switch("BPF");
+    wait_for("BPF");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    switch("Iptables");
+    wait_for("Iptables");
+    let out = stream.wait_with_output().expect("stream");
+    let answers = String::from_utf8_lossy(&out.stdout);
+    let failures = String::from_utf8_lossy(&out.stderr);
+    let ok = answers.lines().count();
+    let failed = failures.lines().filter(|l| !l.trim().is_empty()).count();
+    let sources: std::collections::BTreeSet<&str> = answers.lines().map(peer).collect();
+    println!("switch under load: {ok} answered, {failed} failed; sources seen {sources:?}");
+    // Both dataplanes answered: the node's address (Iptables) and the client's own (BPF).
+    assert!(
+        sources.contains(CLIENT),
+        "BPF never served the stream: {sources:?}"
+    );
+    assert!(
+        sources.contains(NODE_1),
+        "Iptables never served the stream: {sources:?}"
+    );
+    assert!(
+        ok >= 290,
+        "too many failures during the switches: {failed}\n{failures}"
+    );
+    // After the switch back, kube-proxy's rules are in place again.
+    let saved = lab.ok(&["node", "exec", "node-1", "--", "iptables-save", "-t", "nat"]);
+    assert!(saved.contains("KUBE-SERVICES"), "kube-proxy rules are back");
+}
