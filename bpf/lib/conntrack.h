@@ -75,10 +75,13 @@ static __always_inline void mg_ct_seen(struct mg_ct_val *v, bool from_b, __u8 ct
 /*
  * Creates the two entries of a NATed flow: the forward entry keyed by (client, frontend) and the
  * reverse entry keyed by (client, backend). The reverse entry is written first so that a forward
- * entry never points at a missing reverse entry. Returns 0 or a negative error.
+ * entry never points at a missing reverse entry. `tun_addr` is the ingress node of a flow that
+ * came in the tunnel (with MG_CT_F_FROM_TUNNEL in `extra_flags`), else 0. Returns 0 or a negative
+ * error.
  */
 static __always_inline int mg_ct_create_nat(const struct mg_pkt *p, __be32 be_addr, __be16 be_port,
-					    __u32 svc_id, __u8 extra_flags, __u64 now)
+					    __u32 svc_id, __u8 extra_flags, __be32 tun_addr,
+					    __u64 now)
 {
 	struct mg_ct_key fwd_key, rev_key;
 	struct mg_ct_val fwd = {}, rev = {};
@@ -97,6 +100,7 @@ static __always_inline int mg_ct_create_nat(const struct mg_pkt *p, __be32 be_ad
 	rev.peer = fwd_key;
 	rev.nat_addr = p->daddr;
 	rev.nat_port = p->dport;
+	rev.tun_addr = tun_addr;
 
 	fwd.created_ns = now;
 	fwd.last_seen_ns = now;
@@ -110,11 +114,38 @@ static __always_inline int mg_ct_create_nat(const struct mg_pkt *p, __be32 be_ad
 	fwd.peer = rev_key;
 	fwd.nat_addr = be_addr;
 	fwd.nat_port = be_port;
+	fwd.tun_addr = tun_addr;
 
 	err = bpf_map_update_elem(&mg_ct, &rev_key, &rev, BPF_ANY);
 	if (err)
 		return err;
 	return bpf_map_update_elem(&mg_ct, &fwd_key, &fwd, BPF_ANY);
+}
+
+/*
+ * Creates the entry of an external flow that this (ingress) node sends in the tunnel to the
+ * backend's node `node`: one entry keyed by (client, frontend), no NAT, no peer. Both directions
+ * of the flow find it (the replies come back in the tunnel with the frontend as source).
+ */
+static __always_inline int mg_ct_create_tunnel(const struct mg_pkt *p, __be32 node, __u32 svc_id,
+					       __u8 extra_flags, __u64 now)
+{
+	struct mg_ct_key key;
+	struct mg_ct_val v = {};
+	bool client_b = mg_ct_key_fill(&key, p->proto, p->saddr, p->sport, p->daddr, p->dport);
+	__u8 ct_tcp = mg_ct_tcp_bits(p->tcp_flags);
+
+	v.created_ns = now;
+	v.last_seen_ns = now;
+	v.kind = MG_CT_TUNNEL;
+	v.flags = extra_flags | (client_b ? MG_CT_F_CLIENT_IS_B : 0);
+	if (client_b)
+		v.tcp_b = ct_tcp;
+	else
+		v.tcp_a = ct_tcp;
+	v.svc_id = svc_id;
+	v.tun_addr = node;
+	return bpf_map_update_elem(&mg_ct, &key, &v, BPF_ANY);
 }
 
 #endif /* MARGAY_LIB_CONNTRACK_H */

@@ -33,6 +33,18 @@ static __always_inline __u16 mg_csum_fold(__u32 sum)
 	return (__u16)sum;
 }
 
+/* The checksum of an IPv4 header without options, from scratch. */
+static __always_inline __u16 mg_ip_hdr_csum(const struct iphdr *ip)
+{
+	const __u16 *w = (const __u16 *)ip;
+	__u32 sum = 0;
+
+#pragma unroll
+	for (int i = 0; i < (int)(sizeof(*ip) / 2); i++)
+		sum += w[i];
+	return (__u16)~mg_csum_fold(sum);
+}
+
 /*
  * The IPv4 header checksum after replacing the 32-bit word `from` with `to` (RFC 1624, eqn. 3:
  * HC' = ~(~HC + ~m + m')). One's complement arithmetic is byte-order independent, so the words

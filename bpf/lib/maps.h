@@ -89,4 +89,21 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mg_ctlb_rev SEC(".maps");
 
+/* Node configuration: one entry (key 0), written by the agent. An array lookup with a constant
+ * key is inlined by the verifier: it costs no helper call. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct mg_node_cfg);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mg_node_cfg SEC(".maps");
+
+static __always_inline struct mg_node_cfg *mg_node_cfg_get(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&mg_node_cfg, &zero);
+}
+
 #endif /* MARGAY_LIB_MAPS_H */

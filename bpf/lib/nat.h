@@ -29,6 +29,21 @@ static __always_inline struct mg_nat_fe_val *mg_nat_fe_lookup(__be32 saddr, __be
 	return bpf_map_lookup_elem(&mg_nat_fe, &k);
 }
 
+/*
+ * The frontend of a packet that came in the tunnel: its own address first (LoadBalancer IPs and
+ * external IPs are the same on every node), else the NodePort wildcard (the destination is the
+ * ingress node's address).
+ */
+static __always_inline struct mg_nat_fe_val *mg_nat_fe_lookup_tunnelled(__be32 saddr, __be32 daddr,
+									__be16 dport, __u8 proto)
+{
+	struct mg_nat_fe_val *fe = mg_nat_fe_lookup(saddr, daddr, dport, proto);
+
+	if (fe)
+		return fe;
+	return mg_nat_fe_lookup(saddr, MG_NAT_FE_NODEPORT_ANY, dport, proto);
+}
+
 /* Lookup ignoring source ranges (connect-time LB, where the source is not known yet): finds the
  * frontend's catch-all entry, which is a blackhole when the frontend has source ranges. */
 static __always_inline struct mg_nat_fe_val *mg_nat_fe_lookup_any_src(__be32 daddr, __be16 dport,
@@ -49,11 +64,14 @@ static __always_inline struct mg_nat_fe_val *mg_nat_fe_lookup_any_src(__be32 dad
 /*
  * Chooses the backend of a new flow: sticky backend when the service has session affinity and the
  * client's entry has not expired, else a uniformly random ordinal among all backends, or among
- * the local ones (ordinals 0..local_count-1) when the traffic policy for this client is Local.
+ * the local ones (ordinals 0..local_count-1) when the traffic policy for this client is Local or
+ * when `local_only` (a flow that came in the tunnel from the ingress node, which already chose
+ * this node). With `local_only` a sticky backend on another node is ignored (and replaced).
  * Returns 0 and fills `out`, or an enum mg_reason to drop with.
  */
 static __always_inline int mg_nat_pick_backend(const struct mg_nat_fe_val *fe, __be32 client,
-					       bool external, __u64 now, struct mg_nat_be_val *out)
+					       bool external, bool local_only, __u64 now,
+					       struct mg_nat_be_val *out)
 {
 	struct mg_nat_be_key bk = {};
 	struct mg_nat_be_val *be;
@@ -64,7 +82,7 @@ static __always_inline int mg_nat_pick_backend(const struct mg_nat_fe_val *fe, _
 
 	if (fe->flags & MG_FE_F_BLACKHOLE)
 		return MG_DROP_BLACKHOLE;
-	if ((external && (fe->flags & MG_FE_F_EXT_LOCAL)) ||
+	if (local_only || (external && (fe->flags & MG_FE_F_EXT_LOCAL)) ||
 	    (!external && (fe->flags & MG_FE_F_INT_LOCAL)))
 		n = fe->local_count;
 	if (n == 0)
@@ -74,7 +92,8 @@ static __always_inline int mg_nat_pick_backend(const struct mg_nat_fe_val *fe, _
 		ak.svc_id = fe->svc_id;
 		ak.client = client;
 		aff = bpf_map_lookup_elem(&mg_nat_aff, &ak);
-		if (aff && now - aff->ts_ns < (__u64)timeout_s * MG_NSEC_PER_SEC) {
+		if (aff && now - aff->ts_ns < (__u64)timeout_s * MG_NSEC_PER_SEC &&
+		    !(local_only && aff->be.node)) {
 			*out = aff->be;
 			return 0;
 		}

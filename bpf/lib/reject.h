@@ -4,6 +4,9 @@
  * segment is answered with a RST, sent back out of the interface it came in on, so the client
  * gets "connection refused" at once instead of retrying into a black hole.
  * (UDP's ICMP port unreachable needs a larger packet: not yet.)
+ *
+ * A packet too big for the tunnel (with DF) is answered with ICMP "fragmentation needed"
+ * (RFC 1191), so that its sender lowers its path MTU instead of retrying into a black hole.
  */
 #ifndef MARGAY_LIB_REJECT_H
 #define MARGAY_LIB_REJECT_H
@@ -16,8 +19,11 @@
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
+#include "counters.h"
 #include "csum.h"
 #include "parse.h"
+
+#define MG_IP_DF_BIT 0x4000 /* in the host-order frag_off word */
 
 struct mg_pseudo_hdr {
 	__be32 saddr;
@@ -109,6 +115,82 @@ static __always_inline int mg_reject_tcp(struct __sk_buff *skb, const struct mg_
 	ip->check = mg_csum16_update(ip->check, old_tot, ip->tot_len);
 
 	*tcp = th;
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* ICMP "fragmentation needed" as built here: IPv4, ICMP, and the quoted packet's IPv4 header
+ * (without options) and first 8 bytes of its payload (RFC 792). */
+struct mg_icmp_too_big {
+	struct iphdr ip;
+	__u8 type;
+	__u8 code;
+	__u16 check;
+	__be16 unused;
+	__be16 mtu;
+	__u8 quote[sizeof(struct iphdr) + 8];
+} __attribute__((packed, aligned(4)));
+
+#define MG_ICMP_TOO_BIG_LEN   ((__u32)sizeof(struct mg_icmp_too_big))
+#define MG_IP_TOS_INETCONTROL 0xc0
+#define MG_ICMP_DEST_UNREACH  3 /* <linux/icmp.h> pulls in libc headers */
+#define MG_ICMP_FRAG_NEEDED   4
+
+/*
+ * Answers the packet described by `p`, which will not fit a path of `mtu` bytes, with ICMP
+ * "fragmentation needed" from `src`, back out of the interface it came in on (MACs swapped). A
+ * packet without DF, or with IPv4 options, is only dropped. Counts MG_DROP_TOO_BIG either way.
+ * Returns a TC verdict.
+ */
+static __always_inline int mg_icmp_too_big(struct __sk_buff *skb, const struct mg_pkt *p,
+					   __be32 src, __u16 mtu)
+{
+	struct mg_icmp_too_big m = {};
+	struct iphdr ip = {};
+	const __u16 *w;
+	struct ethhdr *eth;
+	void *data, *data_end;
+	__u8 mac[ETH_ALEN];
+	__u32 sum = 0;
+
+	if (p->l4_off != ETH_HLEN + sizeof(struct iphdr))
+		return mg_drop(MG_DROP_TOO_BIG);
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, m.quote, sizeof(m.quote)))
+		return mg_drop(MG_DROP_TOO_BIG);
+	if (!(m.quote[6] & (MG_IP_DF_BIT >> 8)))
+		return mg_drop(MG_DROP_TOO_BIG);
+	mg_count(MG_DROP_TOO_BIG);
+
+	ip.version = 4;
+	ip.ihl = 5;
+	ip.tos = MG_IP_TOS_INETCONTROL;
+	ip.tot_len = bpf_htons(MG_ICMP_TOO_BIG_LEN);
+	ip.ttl = 64;
+	ip.protocol = IPPROTO_ICMP;
+	ip.saddr = src;
+	ip.daddr = p->saddr;
+	ip.check = mg_ip_hdr_csum(&ip);
+	m.ip = ip;
+	m.type = MG_ICMP_DEST_UNREACH;
+	m.code = MG_ICMP_FRAG_NEEDED;
+	m.mtu = bpf_htons(mtu);
+	w = (const __u16 *)((const __u8 *)&m + sizeof(struct iphdr));
+#pragma unroll
+	for (int i = 0; i < (int)((MG_ICMP_TOO_BIG_LEN - sizeof(struct iphdr)) / 2); i++)
+		sum += w[i];
+	m.check = (__u16)~mg_csum_fold(sum);
+
+	if (bpf_skb_change_tail(skb, ETH_HLEN + MG_ICMP_TOO_BIG_LEN, 0))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &m, sizeof(m), 0))
+		return TC_ACT_SHOT;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_SHOT;
+	__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
 	return bpf_redirect(skb->ifindex, 0);
 }
 

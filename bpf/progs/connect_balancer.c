@@ -37,7 +37,7 @@ static __always_inline int mg_ctlb_xlate(struct bpf_sock_addr *ctx, __u8 proto)
 		return 1;
 	if (fe->flags & (MG_FE_F_BLACKHOLE | MG_FE_F_SRC_RANGES) || fe->affinity_timeout_s)
 		return 1;
-	if (mg_nat_pick_backend(fe, 0, false, 0, &be))
+	if (mg_nat_pick_backend(fe, 0, false, false, 0, &be))
 		return 1; /* no backend: the TC programs drop (and count) the first packet */
 
 	rk.cookie = bpf_get_socket_cookie(ctx);

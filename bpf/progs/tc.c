@@ -13,6 +13,11 @@
  * Every packet costs one conntrack lookup. A hit is translated from the entry alone; a miss on a
  * "from" hook looks the destination up among the service frontends and, for a new flow, picks a
  * backend, creates the conntrack pair and applies DNAT.
+ *
+ * Tunnel mode (external clients, backends on other nodes; lib/tunnel.h): `mg_from_hep` sends a
+ * new external flow whose backend is on another node in the tunnel to that node, untranslated,
+ * with one MG_CT_TUNNEL entry; it also receives the tunnel, decapsulates, and either forwards a
+ * reply to its client or opens the flow on this node with a local backend.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -27,6 +32,7 @@
 #include "nat.h"
 #include "parse.h"
 #include "reject.h"
+#include "tunnel.h"
 
 enum mg_hook {
 	MG_HOOK_FROM_WL,
@@ -49,31 +55,63 @@ static __always_inline bool mg_hook_external(enum mg_hook hook)
 	return hook == MG_HOOK_FROM_HEP;
 }
 
-static __always_inline int mg_drop(__u32 reason)
-{
-	mg_count(reason);
-	return TC_ACT_SHOT;
-}
-
-/* A conntrack hit: translate according to the entry type and the packet's direction. */
+/*
+ * A conntrack hit: translate according to the entry type and the packet's direction. `tun_src` is
+ * the node that sent the packet through the tunnel (0 when it did not come through the tunnel).
+ */
 static __always_inline int mg_ct_hit(struct __sk_buff *skb, struct mg_pkt *p, struct mg_ct_val *v,
-				     bool src_is_b, __u64 now)
+				     bool src_is_b, enum mg_hook hook, __be32 tun_src, __u64 now)
 {
 	bool from_client = src_is_b == !!(v->flags & MG_CT_F_CLIENT_IS_B);
+	struct mg_node_cfg *cfg;
 
 	mg_ct_seen(v, src_is_b, mg_ct_tcp_bits(p->tcp_flags), now);
 
-	if (v->kind == MG_CT_NAT_FWD && from_client) {
+	switch (v->kind) {
+	case MG_CT_NAT_FWD:
 		/* client -> frontend: DNAT to the backend chosen at creation. */
-		if (mg_rewrite(skb, p, MG_REWRITE_DST, v->nat_addr, v->nat_port))
+		if (from_client && mg_rewrite(skb, p, MG_REWRITE_DST, v->nat_addr, v->nat_port))
 			return mg_drop(MG_DROP_NAT_WRITE);
-	} else if (v->kind == MG_CT_NAT_REV && !from_client) {
-		/* backend -> client: SNAT back to the frontend the client dialled. */
+		return TC_ACT_OK;
+	case MG_CT_NAT_REV:
+		if (from_client)
+			return TC_ACT_OK;
+		/* backend -> client: SNAT back to the frontend the client dialled. A flow that came
+		 * in the tunnel: the reply goes back in it to the ingress node, which holds the
+		 * client's flow (unless DSR: straight to the client). */
+		if ((v->flags & (MG_CT_F_FROM_TUNNEL | MG_CT_F_DSR)) == MG_CT_F_FROM_TUNNEL) {
+			cfg = mg_node_cfg_get();
+			if (!cfg || !cfg->node_ip)
+				return mg_drop(MG_DROP_ENCAP);
+			return mg_tunnel_send(skb, p, cfg->node_ip, v->tun_addr, v->nat_addr,
+					      v->nat_port);
+		}
 		if (mg_rewrite(skb, p, MG_REWRITE_SRC, v->nat_addr, v->nat_port))
 			return mg_drop(MG_DROP_NAT_WRITE);
+		return TC_ACT_OK;
+	case MG_CT_TUNNEL:
+		/* Ingress node: the client's packets go in the tunnel, untranslated. */
+		if (from_client && hook == MG_HOOK_FROM_HEP && !tun_src) {
+			cfg = mg_node_cfg_get();
+			if (!cfg || !cfg->node_ip)
+				return mg_drop(MG_DROP_ENCAP);
+			return mg_tunnel_send(skb, p, cfg->node_ip, v->tun_addr, 0, 0);
+		}
+		/* The reply, out of the tunnel, already from the frontend: to the client. */
+		if (!from_client && tun_src)
+			return mg_fib_redirect(skb, p->saddr, p->daddr);
+		return TC_ACT_OK;
+	default:
+		/* Otherwise the packet was already translated at an earlier hook. */
+		return TC_ACT_OK;
 	}
-	/* Otherwise the packet was already translated at an earlier hook. */
-	return TC_ACT_OK;
+}
+
+/* TCP that does not open a connection: a flow we never saw start. */
+static __always_inline bool mg_tcp_not_syn(const struct mg_pkt *p)
+{
+	return p->proto == IPPROTO_TCP &&
+	       (p->tcp_flags & (MG_TCPF_SYN | MG_TCPF_ACK | MG_TCPF_RST)) != MG_TCPF_SYN;
 }
 
 static __always_inline int mg_new_flow(struct __sk_buff *skb, struct mg_pkt *p, enum mg_hook hook,
@@ -81,6 +119,7 @@ static __always_inline int mg_new_flow(struct __sk_buff *skb, struct mg_pkt *p, 
 {
 	struct mg_nat_fe_val *fe;
 	struct mg_nat_be_val be;
+	struct mg_node_cfg *cfg;
 	int reason;
 
 	fe = mg_nat_fe_lookup(p->saddr, p->daddr, p->dport, p->proto);
@@ -89,14 +128,13 @@ static __always_inline int mg_new_flow(struct __sk_buff *skb, struct mg_pkt *p, 
 
 	/* A TCP packet of a flow we never saw start (opened before BPF took over, or our state was
 	 * lost): leave it to the kernel's conntrack and the rules it was set up with. */
-	if (p->proto == IPPROTO_TCP &&
-	    (p->tcp_flags & (MG_TCPF_SYN | MG_TCPF_ACK | MG_TCPF_RST)) != MG_TCPF_SYN) {
+	if (mg_tcp_not_syn(p)) {
 		skb->mark |= MG_MARK_FALLTHROUGH;
 		mg_count(MG_CNT_FALLTHROUGH);
 		return TC_ACT_OK;
 	}
 
-	reason = mg_nat_pick_backend(fe, p->saddr, mg_hook_external(hook), now, &be);
+	reason = mg_nat_pick_backend(fe, p->saddr, mg_hook_external(hook), false, now, &be);
 	if (reason) {
 		mg_debug("no backend svc %u reason %d", fe->svc_id, reason);
 		mg_count(reason);
@@ -105,8 +143,24 @@ static __always_inline int mg_new_flow(struct __sk_buff *skb, struct mg_pkt *p, 
 			return mg_reject_tcp(skb, p);
 		return TC_ACT_SHOT;
 	}
+
+	/* An external client and a backend on another node: tunnel mode. No NAT here; the
+	 * backend's node NATs and sends the replies back to us, and the client keeps its address
+	 * all the way to the pod. */
+	if (hook == MG_HOOK_FROM_HEP && be.node) {
+		cfg = mg_node_cfg_get();
+		if (cfg && cfg->node_ip && be.node != cfg->node_ip) {
+			if (mg_ct_create_tunnel(p, be.node, fe->svc_id, MG_CT_F_EXTERNAL, now))
+				return mg_drop(MG_DROP_CT_CREATE);
+			mg_count(MG_CNT_NEW_FLOW);
+			mg_count(MG_CNT_TUNNEL_FLOW);
+			mg_debug("new flow svc %u tunnelled to %pI4", fe->svc_id, &be.node);
+			return mg_tunnel_send(skb, p, cfg->node_ip, be.node, 0, 0);
+		}
+	}
+
 	if (mg_ct_create_nat(p, be.addr, be.port, fe->svc_id,
-			     mg_hook_external(hook) ? MG_CT_F_EXTERNAL : 0, now))
+			     mg_hook_external(hook) ? MG_CT_F_EXTERNAL : 0, 0, now))
 		return mg_drop(MG_DROP_CT_CREATE);
 	if (mg_rewrite(skb, p, MG_REWRITE_DST, be.addr, be.port))
 		return mg_drop(MG_DROP_NAT_WRITE);
@@ -115,11 +169,46 @@ static __always_inline int mg_new_flow(struct __sk_buff *skb, struct mg_pkt *p, 
 	return TC_ACT_OK;
 }
 
+/*
+ * A new flow that came in the tunnel from the ingress node `ingress`, which chose this node: the
+ * same frontend (or the NodePort wildcard), a local backend only, DNAT, and a conntrack pair that
+ * sends the replies back through the tunnel. Whatever cannot be served is dropped: the inner
+ * packet means nothing to this node's stack.
+ */
+static __always_inline int mg_new_tunnelled_flow(struct __sk_buff *skb, struct mg_pkt *p,
+						 __be32 ingress, __u64 now)
+{
+	struct mg_nat_fe_val *fe;
+	struct mg_nat_be_val be;
+	struct mg_node_cfg *cfg;
+	__u8 flags = MG_CT_F_EXTERNAL | MG_CT_F_FROM_TUNNEL;
+	int reason;
+
+	fe = mg_nat_fe_lookup_tunnelled(p->saddr, p->daddr, p->dport, p->proto);
+	if (!fe || mg_tcp_not_syn(p))
+		return mg_drop(MG_DROP_TUNNEL_NO_FLOW);
+	reason = mg_nat_pick_backend(fe, p->saddr, true, true, now, &be);
+	if (reason)
+		return mg_drop(reason);
+	cfg = mg_node_cfg_get();
+	if (cfg && (cfg->flags & MG_CFG_F_DSR))
+		flags |= MG_CT_F_DSR;
+	if (mg_ct_create_nat(p, be.addr, be.port, fe->svc_id, flags, ingress, now))
+		return mg_drop(MG_DROP_CT_CREATE);
+	if (mg_rewrite(skb, p, MG_REWRITE_DST, be.addr, be.port))
+		return mg_drop(MG_DROP_NAT_WRITE);
+	mg_count(MG_CNT_NEW_FLOW);
+	mg_debug("tunnelled flow svc %u from %pI4 -> %pI4", fe->svc_id, &ingress, &be.addr);
+	return TC_ACT_OK;
+}
+
 static __always_inline int mg_tc(struct __sk_buff *skb, enum mg_hook hook)
 {
 	struct mg_pkt p = {};
 	struct mg_ct_key key;
 	struct mg_ct_val *v;
+	struct mg_node_cfg *cfg;
+	__be32 tun_src = 0;
 	bool src_is_b;
 	__u64 now;
 
@@ -132,11 +221,31 @@ static __always_inline int mg_tc(struct __sk_buff *skb, enum mg_hook hook)
 		return TC_ACT_OK;
 	}
 
+	/* Our tunnel to this node: continue with the packet inside, remembering who sent it. */
+	if (hook == MG_HOOK_FROM_HEP && mg_tunnel_maybe(&p)) {
+		cfg = mg_node_cfg_get();
+		if (cfg && mg_tunnel_is_ours(skb, &p, cfg)) {
+			tun_src = p.saddr;
+			if (mg_tunnel_decap(skb, &p))
+				return mg_drop(MG_DROP_ENCAP);
+			switch (mg_parse_ipv4(skb, &p)) {
+			case MG_PARSE_OK:
+				break;
+			case MG_PARSE_DROP:
+				return mg_drop(MG_DROP_SHORT);
+			default:
+				return mg_drop(MG_DROP_TUNNEL_NO_FLOW);
+			}
+		}
+	}
+
 	src_is_b = mg_ct_key_fill(&key, p.proto, p.saddr, p.sport, p.daddr, p.dport);
 	v = bpf_map_lookup_elem(&mg_ct, &key);
 	now = bpf_ktime_get_ns();
 	if (v)
-		return mg_ct_hit(skb, &p, v, src_is_b, now);
+		return mg_ct_hit(skb, &p, v, src_is_b, hook, tun_src, now);
+	if (tun_src)
+		return mg_new_tunnelled_flow(skb, &p, tun_src, now);
 	if (!mg_hook_opens_flows(hook))
 		return TC_ACT_OK;
 	return mg_new_flow(skb, &p, hook, now);

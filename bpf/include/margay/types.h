@@ -32,6 +32,14 @@
 #define MG_NAT_FE_PREFIX_FIXED 64
 #define MG_NAT_FE_PREFIX_FULL  (MG_NAT_FE_PREFIX_FIXED + 32)
 
+/*
+ * Frontend address of a NodePort's wildcard entry: {255.255.255.255, nodePort, proto}. Looked up
+ * only for packets that arrived through the tunnel, whose destination is the NodePort on the
+ * ingress node's address (which this node has no frontend for). The agent writes it next to the
+ * per-address NodePort frontends, with the same value.
+ */
+#define MG_NAT_FE_NODEPORT_ANY 0xffffffffu
+
 /* Key of the LPM trie map mg_nat_fe: a service frontend (ClusterIP, node IP for a NodePort,
  * LoadBalancer ingress IP, external IP), optionally restricted to a client source CIDR. */
 struct mg_nat_fe_key {
@@ -64,10 +72,18 @@ struct mg_nat_be_key {
 	__u32 ordinal; /* host: 0..count-1, local backends first */
 };
 
+/*
+ * A backend. `node` is the underlay IPv4 address of the node that hosts it, 0 for a backend on
+ * this node (the agent writes 0 for local backends, which hold ordinals 0..local_count-1). An
+ * external client's new flow that picks a backend with a non-zero `node` other than this node's
+ * address is not NATed here but sent in the tunnel to that node (tunnel mode, see
+ * docs/design/bpf-dataplane.md "External clients and remote backends").
+ */
 struct mg_nat_be_val {
 	__be32 addr; /* be: backend (endpoint) IPv4 address */
 	__be16 port; /* be: backend port */
 	__u16 pad;   /* zero */
+	__be32 node; /* be: address of the backend's node, 0 = this node */
 };
 
 /* === Session affinity (sessionAffinity: ClientIP) === */
@@ -80,6 +96,7 @@ struct mg_nat_aff_key {
 struct mg_nat_aff_val {
 	__u64 ts_ns;		 /* host: bpf_ktime_get_ns() when the backend was (re)chosen */
 	struct mg_nat_be_val be; /* the backend this client sticks to */
+	__u32 pad;		 /* zero */
 };
 
 /* === Conntrack === */
@@ -101,6 +118,10 @@ enum mg_ct_type {
 	MG_CT_NORMAL = 0,  /* a flow without NAT (reserved: not created yet) */
 	MG_CT_NAT_FWD = 1, /* keyed by the pre-DNAT tuple (client, frontend); DNAT to nat_addr */
 	MG_CT_NAT_REV = 2, /* keyed by the post-DNAT tuple (client, backend); SNAT to nat_addr */
+	/* On the ingress node, keyed by (client, frontend): an external flow whose backend is on
+	 * node `tun_addr`. The client's packets are sent there in the tunnel without NAT; replies
+	 * come back in the tunnel and are forwarded to the client. A single entry (no peer). */
+	MG_CT_TUNNEL = 3,
 };
 
 /* TCP flags seen on one leg (bits of mg_ct_val.tcp_a / tcp_b). */
@@ -112,6 +133,11 @@ enum mg_ct_type {
 /* Entry flags (bits of mg_ct_val.flags). */
 #define MG_CT_F_CLIENT_IS_B (1u << 0) /* the endpoint that opened the flow is the key's `b` */
 #define MG_CT_F_EXTERNAL    (1u << 1) /* the client came in through a host interface */
+/* On the backend node: the flow arrived in the tunnel from the ingress node `tun_addr`; replies
+ * are SNATed and sent back through the tunnel to it (both entries of the pair carry it). */
+#define MG_CT_F_FROM_TUNNEL (1u << 2)
+/* With MG_CT_F_FROM_TUNNEL: replies go straight to the client (bpfExternalServiceMode DSR). */
+#define MG_CT_F_DSR (1u << 3)
 
 /*
  * One conntrack entry. A NATed flow has two, created together and pointing at each other
@@ -120,7 +146,9 @@ enum mg_ct_type {
  * lookup: a client->frontend packet finds the forward entry and its DNAT target; a
  * backend->client packet finds the reverse entry and its SNAT source. Each entry records the
  * TCP flags and the time of the packets that hit it; userspace reads a pair together to decide
- * its state and expiry (docs/design/conntrack.md).
+ * its state and expiry (docs/design/conntrack.md). In tunnel mode the ingress node keeps a single
+ * MG_CT_TUNNEL entry instead (no NAT there), and the backend's node an ordinary pair flagged
+ * MG_CT_F_FROM_TUNNEL; `tun_addr` names the other node.
  */
 struct mg_ct_val {
 	__u64 created_ns;      /* host: bpf_ktime_get_ns() at creation */
@@ -134,7 +162,29 @@ struct mg_ct_val {
 	__be32 nat_addr;       /* be: NAT_FWD: backend address; NAT_REV: frontend address */
 	__be16 nat_port;       /* be: NAT_FWD: backend port; NAT_REV: frontend port */
 	__u16 pad;	       /* zero */
+	__be32 tun_addr;       /* be: TUNNEL: the backend's node; FROM_TUNNEL: the ingress node */
+	__u32 pad2;	       /* zero */
 };
+
+/* === Node configuration (array of one entry, written by the agent) === */
+
+/* bpfExternalServiceMode DSR: replies of tunnelled flows leave the backend node directly. */
+#define MG_CFG_F_DSR (1u << 0)
+
+/*
+ * What the programs need to know about their node. With `node_ip` 0 (not configured) external
+ * flows to remote backends are DNATed here like any other (no tunnel).
+ */
+struct mg_node_cfg {
+	__be32 node_ip; /* be: this node's underlay address: outer source of tunnelled packets, and
+			 * the only outer destination decapsulated; 0 = tunnel off */
+	__u32 flags;	/* host: MG_CFG_F_* */
+};
+
+/* The tunnel between nodes for external clients (Calico's values): VXLAN on UDP 4789 with a
+ * reserved VNI, so that a VXLAN device of the pod network on the same port is not confused. */
+#define MG_TUNNEL_PORT 4789
+#define MG_TUNNEL_VNI  0xca11c0
 
 /* === Routes (LPM trie), for tunnel mode and traffic policy (userspace-written) === */
 
@@ -201,7 +251,12 @@ enum mg_reason {
 	MG_DROP_BLACKHOLE = 6,	     /* client outside loadBalancerSourceRanges */
 	MG_CNT_NEW_FLOW = 7,	     /* not a drop: NAT flows created */
 	MG_CNT_FALLTHROUGH = 8,	     /* not a drop: TCP without SYN and without conntrack */
-	MG_REASON_MAX = 9,
+	MG_DROP_ENCAP = 9,	     /* tunnel encapsulation or decapsulation failed */
+	MG_DROP_FIB = 10,	     /* no route (FIB) for a tunnelled or decapsulated packet */
+	MG_DROP_TOO_BIG = 11,	     /* too big for the tunnel (ICMP sent when DF) */
+	MG_DROP_TUNNEL_NO_FLOW = 12, /* decapsulated packet of no known flow that opens none */
+	MG_CNT_TUNNEL_FLOW = 13,     /* not a drop: new flows sent in the tunnel to another node */
+	MG_REASON_MAX = 14,
 };
 
 /* skb->mark bit for a TCP packet of a flow BPF does not know (left to the kernel's conntrack). */

@@ -8,17 +8,26 @@
 //! unchanged are timed both ways; the difference between the two ways on the same path is the
 //! fixed overhead of a `repeat = 1` measurement, reported so it can be subtracted.
 //!
+//! Tunnel mode's paths (an external client, the backend on another node) run on two dataplanes,
+//! "node A" (ingress) and "node B" (the backend's), each from a network namespace of its own
+//! (`ip netns add`, deleted at the end) where the programs' FIB lookups find a route and a
+//! neighbour; nothing in the machine's own namespace is read or changed.
+//!
 //! Mounts a private bpffs on a temporary directory and unmounts it at the end (also on panic).
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{fs::File, net::Ipv4Addr, process::Command, time::Duration};
 
 use margay_bpf::{
-    Config, Dataplane, LogLevel, TC_ACT_OK, TcProgram,
+    Config, Dataplane, LogLevel, TC_ACT_OK, TC_ACT_REDIRECT, TcProgram, TcRunContext,
     maps::{
-        MapSizes, NatBackendValue, NatFrontendKey, Protocol, nat::ServiceNat, nat::write_service,
+        ExternalServiceMode, MapSizes, NatBackendValue, NatFrontendKey, NodeConfig, Protocol,
+        nat::ServiceNat, nat::write_service,
     },
 };
-use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::{
+    mount::{MntFlags, MsFlags, mount, umount2},
+    sched::{CloneFlags, setns},
+};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 65, 0, 2);
 const SVC: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 96, 0, 10), 80);
@@ -30,6 +39,125 @@ impl Drop for Bpffs {
     fn drop(&mut self) {
         let _ = umount2(self.0.path(), MntFlags::MNT_DETACH);
     }
+}
+
+/// A network namespace of the benchmark's own; deleted on drop.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn ip(ns: &str, args: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
+    let st = Command::new("ip").arg("-n").arg(ns).args(args).status()?;
+    if !st.success() {
+        return Err(format!("ip -n {ns} {args:?} failed").into());
+    }
+    Ok(())
+}
+
+/// A node's namespace: `eth0` (a veth) with `addr`/24, a permanent neighbour for `peer` and for
+/// the router .254 (the default route), forwarding on.
+fn node_ns(
+    name: &str,
+    addr: Ipv4Addr,
+    peer: Ipv4Addr,
+) -> Result<(Netns, u32), Box<dyn std::error::Error>> {
+    let st = Command::new("ip").args(["netns", "add", name]).status()?;
+    if !st.success() {
+        return Err(format!("ip netns add {name} failed").into());
+    }
+    let ns = Netns(name.to_owned());
+    ip(
+        name,
+        &[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "wire0",
+        ],
+    )?;
+    for dev in ["lo", "eth0", "wire0"] {
+        ip(name, &["link", "set", dev, "up"])?;
+    }
+    ip(name, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+    for (n, mac) in [
+        (peer.to_string(), "02:00:00:00:00:0b"),
+        ("192.168.50.254".to_owned(), "02:00:00:00:00:fe"),
+    ] {
+        ip(
+            name,
+            &[
+                "neigh",
+                "add",
+                &n,
+                "lladdr",
+                mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        )?;
+    }
+    ip(name, &["route", "add", "default", "via", "192.168.50.254"])?;
+    let st = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ])
+        .status()?;
+    if !st.success() {
+        return Err("sysctl failed".into());
+    }
+    let out = Command::new("ip")
+        .args(["-n", name, "-o", "link", "show", "eth0"])
+        .output()?;
+    let ifindex = String::from_utf8_lossy(&out.stdout)
+        .split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or("no ifindex")?;
+    Ok((ns, ifindex))
+}
+
+/// Runs `f` on a thread that entered namespace `ns`.
+fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{}", ns.0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let fd = File::open(&path).expect("open netns");
+            setns(&fd, CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("thread in netns")
+    })
+}
+
+/// Runs `prog` once on each packet from `ifindex`, expecting `verdict`; the durations and the
+/// packets as the program left them.
+fn each(
+    dp: &Dataplane,
+    prog: TcProgram,
+    ifindex: u32,
+    pkts: &[Vec<u8>],
+    verdict: u32,
+) -> (Vec<Duration>, Vec<Vec<u8>>) {
+    let ctx = TcRunContext {
+        ifindex,
+        ..TcRunContext::default()
+    };
+    pkts.iter()
+        .map(|p| {
+            let r = dp.run_tc_with(prog, p, &ctx).expect("test run");
+            assert_eq!(r.verdict, verdict, "{prog:?}");
+            (r.duration, r.packet)
+        })
+        .unzip()
 }
 
 /// Ethernet + IPv4 + TCP with valid checksums.
@@ -237,5 +365,121 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "new flow / established n flows (means less the overhead): {:.2}",
         (nf.mean - overhead) / (es.mean - overhead).max(1.0)
     );
+    tunnel(&fs, n)?;
+    Ok(())
+}
+
+/// Tunnel mode, hop by hop over `n` flows: client -> NodePort on node A, backend pod on node B.
+fn tunnel(fs: &Bpffs, n: u16) -> Result<(), Box<dyn std::error::Error>> {
+    let node_a = Ipv4Addr::new(192, 168, 50, 1);
+    let node_b = Ipv4Addr::new(192, 168, 50, 2);
+    let client = Ipv4Addr::new(203, 0, 113, 9);
+    let pod = (Ipv4Addr::new(10, 65, 1, 3), 8080);
+    let np = (node_a, 30080);
+    let pid = std::process::id();
+    let (ns_a, if_a) = node_ns(&format!("mgbench{pid}a"), node_a, node_b)?;
+    let (ns_b, if_b) = node_ns(&format!("mgbench{pid}b"), node_b, node_a)?;
+    let mut sizes = MapSizes::small();
+    sizes.conntrack = 4 * u32::from(n) + 1024;
+    let load = |dir: &str, node: Ipv4Addr| -> Result<Dataplane, Box<dyn std::error::Error>> {
+        let dp = Dataplane::load(&Config {
+            pin_dir: fs.0.path().join(dir),
+            sizes,
+            log_level: LogLevel::Off,
+            ctlb_udp: false,
+        })?;
+        dp.maps()?
+            .node_config
+            .set(&NodeConfig::new(node, ExternalServiceMode::Tunnel))?;
+        Ok(dp)
+    };
+    let (a, b) = (load("a", node_a)?, load("b", node_b)?);
+    let svc =
+        |local: Vec<NatBackendValue>, remote: Vec<NatBackendValue>, node: Ipv4Addr| ServiceNat {
+            svc_id: 1,
+            frontends: vec![
+                (NatFrontendKey::new(node, 30080, Protocol::Tcp, None), 0),
+                (NatFrontendKey::node_port_any(30080, Protocol::Tcp), 0),
+            ],
+            local,
+            remote,
+            affinity_timeout_s: 0,
+        };
+    let be = NatBackendValue::new(pod.0, pod.1);
+    let mut ma = a.maps()?;
+    write_service(
+        &mut ma.nat_frontends,
+        &mut ma.nat_backends,
+        &svc(vec![], vec![be.on_node(node_b)], node_a),
+        0,
+    )?;
+    let mut mb = b.maps()?;
+    write_service(
+        &mut mb.nat_frontends,
+        &mut mb.nat_backends,
+        &svc(vec![be], vec![], node_b),
+        0,
+    )?;
+
+    let with_eth = |mut p: Vec<u8>| {
+        p[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 0x0a]);
+        p
+    };
+    let syns: Vec<Vec<u8>> = (0..n)
+        .map(|i| with_eth(tcp((client, 10_000 + i), np, 0x02)))
+        .collect();
+    let acks: Vec<Vec<u8>> = (0..n)
+        .map(|i| with_eth(tcp((client, 10_000 + i), np, 0x10)))
+        .collect();
+    let replies: Vec<Vec<u8>> = (0..n)
+        .map(|i| tcp(pod, (client, 10_000 + i), 0x10))
+        .collect();
+
+    let (a_new, syn_tun) = in_ns(&ns_a, || {
+        each(&a, TcProgram::FromHostIface, if_a, &syns, TC_ACT_REDIRECT)
+    });
+    let (b_new, _) = in_ns(&ns_b, || {
+        each(&b, TcProgram::FromHostIface, if_b, &syn_tun, TC_ACT_OK)
+    });
+    let (a_est, ack_tun) = in_ns(&ns_a, || {
+        each(&a, TcProgram::FromHostIface, if_a, &acks, TC_ACT_REDIRECT)
+    });
+    let (b_est, _) = in_ns(&ns_b, || {
+        each(&b, TcProgram::FromHostIface, if_b, &ack_tun, TC_ACT_OK)
+    });
+    let (b_rep, rep_tun) = in_ns(&ns_b, || {
+        each(&b, TcProgram::FromWorkload, if_b, &replies, TC_ACT_REDIRECT)
+    });
+    let (a_rep, _) = in_ns(&ns_a, || {
+        each(
+            &a,
+            TcProgram::FromHostIface,
+            if_a,
+            &rep_tun,
+            TC_ACT_REDIRECT,
+        )
+    });
+
+    println!();
+    println!("tunnel mode ({n} flows; client -> NodePort on A, backend on B)");
+    println!("{:<60} {:>10} {:>10}", "path", "median", "mean");
+    for (name, v) in [
+        (
+            "_1 A new flow (CT miss, LPM, 1 CT insert, FIB, encap)",
+            a_new,
+        ),
+        (
+            "_2 B new flow (decap, CT miss, LPM, 2 CT inserts, DNAT)",
+            b_new,
+        ),
+        ("_1 A established (1 CT lookup, FIB, encap)", a_est),
+        ("_2 B established (decap, 1 CT lookup, DNAT)", b_est),
+        ("_4 B reply (1 CT lookup, FIB, SNAT, encap)", b_rep),
+        ("_5 A reply (decap, 1 CT lookup, FIB)", a_rep),
+    ] {
+        let st = stats(v);
+        println!("{name:<60} {:>10.0} {:>10.0}", st.median, st.mean);
+    }
+    drop((ns_a, ns_b));
     Ok(())
 }

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 pub use attach::{CgroupAttachment, TcAttachment, TcLinkKind, TcMode, tcx_programs};
 pub use loader::{
     CgroupProgram, Config, Dataplane, LogLevel, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TcProgram,
-    TcRun,
+    TcRun, TcRunContext,
 };
 
 /// Errors of this crate. aya's errors are boxed: they are large and this is not a hot path.

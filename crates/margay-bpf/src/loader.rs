@@ -164,6 +164,31 @@ pub const TC_ACT_REDIRECT: u32 = 7;
 const SKB_CTX_LEN: usize = 192;
 /// `offsetof(struct __sk_buff, mark)`.
 const SKB_MARK_OFF: usize = 8;
+/// `offsetof(struct __sk_buff, ingress_ifindex)`.
+const SKB_INGRESS_IFINDEX_OFF: usize = 36;
+/// `offsetof(struct __sk_buff, ifindex)`.
+const SKB_IFINDEX_OFF: usize = 40;
+/// `offsetof(struct __sk_buff, gso_segs)`.
+const SKB_GSO_SEGS_OFF: usize = 164;
+/// `offsetof(struct __sk_buff, gso_size)`.
+const SKB_GSO_SIZE_OFF: usize = 176;
+
+/// What a BPF_PROG_TEST_RUN of a TC program starts from, beyond the packet: the fields of
+/// `struct __sk_buff` the kernel takes as input that the programs read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcRunContext {
+    /// `skb->mark`.
+    pub mark: u32,
+    /// The interface the packet is on (`skb->ifindex`, also `ingress_ifindex`), in the network
+    /// namespace of the calling thread; 0 = that namespace's loopback. The programs' FIB lookups
+    /// (tunnel mode) start from it, in that namespace.
+    pub ifindex: u32,
+    /// How many times to run on the same skb (see [`Dataplane::run_tc_repeat`]); 0 = once.
+    pub repeat: u32,
+    /// Make the skb a GSO packet of segments of this size (`skb_shinfo->gso_size`); 0 = not GSO.
+    /// The kernel sets no GSO type for a test run.
+    pub gso_size: u32,
+}
 
 /// The loaded programs and their maps.
 #[derive(Debug)]
@@ -245,6 +270,19 @@ impl Dataplane {
         maps::Maps::open(&self.pin_dir)
     }
 
+    /// How many instructions the verifier processed to accept a TC program (its complexity; the
+    /// kernel's limit is 1 000 000), and the size of its translated code in bytes.
+    pub fn tc_complexity(&self, prog: TcProgram) -> Result<(Option<u32>, Option<u32>), Error> {
+        let p: &SchedClassifier = self
+            .tc
+            .program(prog.name())
+            .ok_or(Error::MissingProgram(prog.name()))?
+            .try_into()
+            .map_err(prog_err(prog.name()))?;
+        let info = p.info().map_err(prog_err(prog.name()))?;
+        Ok((info.verified_instruction_count(), info.size_translated()))
+    }
+
     /// Runs a TC program once on `packet` with BPF_PROG_TEST_RUN, with `skb->mark` = `mark`.
     pub fn run_tc(&self, prog: TcProgram, packet: &[u8], mark: u32) -> Result<TcRun, Error> {
         self.run_tc_repeat(prog, packet, mark, 1)
@@ -259,6 +297,27 @@ impl Dataplane {
         mark: u32,
         repeat: u32,
     ) -> Result<TcRun, Error> {
+        self.run_tc_with(
+            prog,
+            packet,
+            &TcRunContext {
+                mark,
+                repeat,
+                ..TcRunContext::default()
+            },
+        )
+    }
+
+    /// Runs a TC program on `packet` with BPF_PROG_TEST_RUN from the context `ctx`. The run
+    /// happens in the calling thread's network namespace (FIB lookups, `ctx.ifindex`); a
+    /// redirect is reported as the verdict [`TC_ACT_REDIRECT`], not carried out.
+    pub fn run_tc_with(
+        &self,
+        prog: TcProgram,
+        packet: &[u8],
+        ctx: &TcRunContext,
+    ) -> Result<TcRun, Error> {
+        let (mark, repeat) = (ctx.mark, ctx.repeat.max(1));
         let p: &SchedClassifier = self
             .tc
             .program(prog.name())
@@ -267,6 +326,18 @@ impl Dataplane {
             .map_err(prog_err(prog.name()))?;
         let mut ctx_in = [0u8; SKB_CTX_LEN];
         ctx_in[SKB_MARK_OFF..SKB_MARK_OFF + 4].copy_from_slice(&mark.to_ne_bytes());
+        for off in [SKB_INGRESS_IFINDEX_OFF, SKB_IFINDEX_OFF] {
+            ctx_in[off..off + 4].copy_from_slice(&ctx.ifindex.to_ne_bytes());
+        }
+        if let Some(segs) = u32::try_from(packet.len())
+            .unwrap_or(u32::MAX)
+            .checked_div(ctx.gso_size)
+        {
+            let segs = segs + 1;
+            ctx_in[SKB_GSO_SEGS_OFF..SKB_GSO_SEGS_OFF + 4].copy_from_slice(&segs.to_ne_bytes());
+            ctx_in[SKB_GSO_SIZE_OFF..SKB_GSO_SIZE_OFF + 4]
+                .copy_from_slice(&ctx.gso_size.to_ne_bytes());
+        }
         let mut ctx_out = [0u8; SKB_CTX_LEN];
         let mut out = vec![0u8; packet.len() + 256];
         let res = p
@@ -371,6 +442,13 @@ fn expected_maps(sizes: &MapSizes) -> Vec<(&'static str, MapType, usize, usize, 
             size_of::<CtlbRevKey>(),
             size_of::<CtlbRevValue>(),
             sizes.nat_affinity,
+        ),
+        (
+            names::NODE_CONFIG,
+            MapType::Array,
+            4,
+            size_of::<NodeConfig>(),
+            1,
         ),
     ]
 }

@@ -43,6 +43,15 @@ fn btf_reader_sees_kernel_style_structs() {
         .get("__sk_buff")
         .expect("struct __sk_buff in tc.o's BTF");
     assert_eq!(skb.size, 192);
-    let mark = skb.fields.iter().find(|f| f.name == "mark").expect("mark");
-    assert_eq!((mark.offset, mark.size), (8, 4));
+    // The offsets `Dataplane::run_tc_with` writes its context at.
+    for (name, offset) in [
+        ("mark", 8),
+        ("ingress_ifindex", 36),
+        ("ifindex", 40),
+        ("gso_segs", 164),
+        ("gso_size", 176),
+    ] {
+        let f = skb.fields.iter().find(|f| f.name == name).expect(name);
+        assert_eq!((f.offset, f.size), (offset, 4), "__sk_buff.{name}");
+    }
 }

@@ -238,3 +238,329 @@ fn a_clusterip_without_endpoints_refuses_tcp_at_once() {
         "refused at once, not timed out"
     );
 }
+
+// === Tunnel mode: an external client, the backend pod on another node ===
+
+mod tunnel {
+    use super::*;
+    use common::{Netns, wire_pod};
+    use margay_bpf::maps::{
+        CtType, ExternalServiceMode, NodeConfig, Reason, conntrack::F_FROM_TUNNEL,
+    };
+
+    const CLIENT_IP: &str = "192.168.50.100";
+    const NODE_A: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
+    const NODE_B: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
+    const LB: (Ipv4Addr, u16) = (Ipv4Addr::new(198, 51, 100, 7), 80);
+    const NODE_PORT: u16 = 30080;
+    const POD_IP: &str = "10.65.1.3";
+
+    /// A LAN (a bridge in a namespace of its own) with an external client and two nodes; node
+    /// B hosts the backend pod, node A none. Each node has its own dataplane (maps), with its
+    /// host programs on `eth0`; B has its workload programs on the pod's veth.
+    struct Cluster {
+        _lan: Netns,
+        client: Netns,
+        a: (Netns, Harness),
+        b: (Netns, Harness),
+        pod: Netns,
+        _links: Vec<margay_bpf::TcAttachment>,
+    }
+
+    fn plug(lan: &Netns, ns: &Netns, port: &str, cidr: &str) {
+        lan.ip(&[
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ]);
+        lan.ip(&["link", "set", port, "master", "br0", "up"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["addr", "add", cidr, "dev", "eth0"]);
+    }
+
+    impl Cluster {
+        fn new(mode: ExternalServiceMode) -> Self {
+            let (lan, client, a_ns, b_ns, pod) = (
+                Netns::new(),
+                Netns::new(),
+                Netns::new(),
+                Netns::new(),
+                Netns::new(),
+            );
+            lan.ip(&["link", "add", "br0", "type", "bridge"]);
+            lan.ip(&["link", "set", "br0", "up"]);
+            plug(&lan, &client, "cl", &format!("{CLIENT_IP}/24"));
+            plug(&lan, &a_ns, "na", &format!("{NODE_A}/24"));
+            plug(&lan, &b_ns, "nb", &format!("{NODE_B}/24"));
+            client.ip(&[
+                "route",
+                "add",
+                &format!("{}/32", LB.0),
+                "via",
+                &NODE_A.to_string(),
+            ]);
+            for n in [&a_ns, &b_ns] {
+                for s in [
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.default.rp_filter=0",
+                ] {
+                    n.exec("sysctl", &["-qw", s]);
+                }
+            }
+            wire_pod(&b_ns, &pod, VETH_B, POD_IP);
+
+            let pod_ip: Ipv4Addr = POD_IP.parse().expect("ip");
+            let mut a = Harness::new();
+            let mut b = Harness::new();
+            a.maps
+                .node_config
+                .set(&NodeConfig::new(NODE_A, mode))
+                .expect("cfg");
+            b.maps
+                .node_config
+                .set(&NodeConfig::new(NODE_B, mode))
+                .expect("cfg");
+            let frontends = |node: Ipv4Addr| {
+                vec![
+                    (NatFrontendKey::new(node, NODE_PORT, Protocol::Tcp, None), 0),
+                    (NatFrontendKey::node_port_any(NODE_PORT, Protocol::Tcp), 0),
+                    (NatFrontendKey::new(LB.0, LB.1, Protocol::Tcp, None), 0),
+                    (NatFrontendKey::new(LB.0, LB.1, Protocol::Udp, None), 0),
+                ]
+            };
+            let backend = NatBackendValue::new(pod_ip, BE_PORT);
+            let svc_a = ServiceNat {
+                svc_id: 1,
+                frontends: frontends(NODE_A),
+                remote: vec![backend.on_node(NODE_B)],
+                ..ServiceNat::default()
+            };
+            let svc_b = ServiceNat {
+                svc_id: 1,
+                frontends: frontends(NODE_B),
+                local: vec![backend],
+                ..ServiceNat::default()
+            };
+            write_service(
+                &mut a.maps.nat_frontends,
+                &mut a.maps.nat_backends,
+                &svc_a,
+                0,
+            )
+            .expect("seed A");
+            write_service(
+                &mut b.maps.nat_frontends,
+                &mut b.maps.nat_backends,
+                &svc_b,
+                0,
+            )
+            .expect("seed B");
+
+            let mut links = a_ns.run(|| {
+                [TcProgram::FromHostIface, TcProgram::ToHostIface]
+                    .into_iter()
+                    .map(|p| a.dp.attach_tc(p, "eth0", TcMode::Auto).expect("attach A"))
+                    .collect::<Vec<_>>()
+            });
+            links.extend(b_ns.run(|| {
+                let mut v = Vec::new();
+                for p in [TcProgram::FromHostIface, TcProgram::ToHostIface] {
+                    v.push(b.dp.attach_tc(p, "eth0", TcMode::Auto).expect("attach B"));
+                }
+                for p in [TcProgram::FromWorkload, TcProgram::ToWorkload] {
+                    v.push(b.dp.attach_tc(p, VETH_B, TcMode::Auto).expect("attach B"));
+                }
+                v
+            }));
+            Self {
+                _lan: lan,
+                client,
+                a: (a_ns, a),
+                b: (b_ns, b),
+                pod,
+                _links: links,
+            }
+        }
+
+        /// TCP from the client to `frontend`; returns (what the pod saw as its peer, the
+        /// client's peer address).
+        fn tcp(&self, frontend: (Ipv4Addr, u16)) -> (String, SocketAddr) {
+            let (tx, rx) = mpsc::channel();
+            std::thread::scope(|s| {
+                let server = s.spawn(|| {
+                    self.pod.run(|| {
+                        let l = TcpListener::bind((POD_IP, BE_PORT)).expect("bind");
+                        tx.send(()).expect("ready");
+                        let (mut c, peer) = l.accept().expect("accept");
+                        c.set_read_timeout(Some(Duration::from_secs(5)))
+                            .expect("timeout");
+                        let mut buf = [0u8; 5];
+                        c.read_exact(&mut buf).expect("read request");
+                        // Several segments each way, so established packets cross too.
+                        for _ in 0..3 {
+                            c.write_all(format!("{peer}\n").as_bytes()).expect("write");
+                        }
+                    });
+                });
+                rx.recv_timeout(Duration::from_secs(5))
+                    .expect("server ready");
+                let out = self.client.run(|| {
+                    let mut c = TcpStream::connect_timeout(
+                        &SocketAddr::from(frontend),
+                        Duration::from_secs(5),
+                    )
+                    .expect("connect to the frontend");
+                    c.set_read_timeout(Some(Duration::from_secs(5)))
+                        .expect("timeout");
+                    c.write_all(b"hello").expect("write");
+                    let mut seen = String::new();
+                    c.read_to_string(&mut seen).expect("read");
+                    (seen, c.peer_addr().expect("peer"))
+                });
+                server.join().expect("server");
+                let first = out.0.lines().next().unwrap_or_default().to_owned();
+                assert_eq!(out.0, format!("{first}\n").repeat(3), "whole answer");
+                (first, out.1)
+            })
+        }
+    }
+
+    /// Bulk TCP both ways through the tunnel (full-size segments, TSO/GSO on the veths):
+    /// `n` bytes up, `n` bytes down, checked byte for byte.
+    fn bulk(c: &Cluster, frontend: (Ipv4Addr, u16), n: usize) {
+        let data: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
+        let (tx, rx) = mpsc::channel();
+        std::thread::scope(|s| {
+            let server = s.spawn(|| {
+                c.pod.run(|| {
+                    let l = TcpListener::bind((POD_IP, BE_PORT)).expect("bind");
+                    tx.send(()).expect("ready");
+                    let (mut sock, _) = l.accept().expect("accept");
+                    sock.set_read_timeout(Some(Duration::from_secs(10)))
+                        .expect("timeout");
+                    sock.set_write_timeout(Some(Duration::from_secs(10)))
+                        .expect("timeout");
+                    let mut got = vec![0u8; n];
+                    sock.read_exact(&mut got).expect("upload");
+                    sock.write_all(&got).expect("download");
+                });
+            });
+            rx.recv_timeout(Duration::from_secs(5)).expect("ready");
+            let back = c.client.run(|| {
+                let mut sock =
+                    TcpStream::connect_timeout(&SocketAddr::from(frontend), Duration::from_secs(5))
+                        .expect("connect");
+                sock.set_read_timeout(Some(Duration::from_secs(10)))
+                    .expect("timeout");
+                sock.set_write_timeout(Some(Duration::from_secs(10)))
+                    .expect("timeout");
+                sock.write_all(&data).expect("upload");
+                let mut back = vec![0u8; n];
+                sock.read_exact(&mut back).expect("download");
+                back
+            });
+            server.join().expect("server");
+            assert!(back == data, "{n} bytes came back intact");
+        });
+    }
+
+    fn client_keeps_its_address(mode: ExternalServiceMode) {
+        let c = Cluster::new(mode);
+        for frontend in [(NODE_A, NODE_PORT), LB] {
+            let (seen_by_pod, peer) = c.tcp(frontend);
+            assert!(
+                seen_by_pod.starts_with(&format!("{CLIENT_IP}:")),
+                "{mode:?} {frontend:?}: the pod sees the client's own address, got {seen_by_pod}"
+            );
+            assert_eq!(
+                peer,
+                SocketAddr::from(frontend),
+                "{mode:?}: the client talks to the frontend it dialled"
+            );
+            let port: u16 = seen_by_pod
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .expect("port");
+            let client = (CLIENT_IP.parse().expect("ip"), port);
+            let t =
+                c.a.1
+                    .maps
+                    .conntrack
+                    .get(&CtKey::new(Protocol::Tcp, client, frontend).0)
+                    .expect("get")
+                    .expect("A: tunnel entry");
+            assert_eq!(t.kind(), Some(CtType::Tunnel));
+            assert_eq!(t.tunnel_node(), Some(NODE_B));
+            let (cl, srv) = t.tcp_client_server();
+            assert_eq!(
+                cl & (TCP_SYN | TCP_ACK),
+                TCP_SYN | TCP_ACK,
+                "client leg at A"
+            );
+            if mode == ExternalServiceMode::Tunnel {
+                assert_eq!(
+                    srv & (TCP_SYN | TCP_ACK),
+                    TCP_SYN | TCP_ACK,
+                    "replies via A"
+                );
+            } else {
+                assert_eq!(srv, 0, "DSR: no reply crosses A");
+            }
+            let pod = (POD_IP.parse().expect("ip"), BE_PORT);
+            let rev =
+                c.b.1
+                    .maps
+                    .conntrack
+                    .get(&CtKey::new(Protocol::Tcp, client, pod).0)
+                    .expect("get")
+                    .expect("B: reverse entry");
+            assert_ne!(rev.flags & F_FROM_TUNNEL, 0);
+            assert_eq!(rev.tunnel_node(), Some(NODE_A));
+        }
+        // Full-size segments both ways, in GSO packets (the veths' TSO): the kernel segments
+        // them to fit the tunnel.
+        bulk(&c, (NODE_A, NODE_PORT), 512 * 1024);
+        for (node, h) in [&c.a, &c.b] {
+            for (r, n) in h.maps.counters.all().expect("counters") {
+                assert!(!r.is_drop() || n == 0, "{}: {n} drops {r:?}", node.name());
+            }
+        }
+        // One full-size segment per packet (no GSO at the client nor the pod): the first ones
+        // do not fit the tunnel and are answered with ICMP "fragmentation needed"; the client
+        // and the pod lower their path MTU and the transfer completes.
+        for ns in [&c.client, &c.pod] {
+            ns.ip(&["link", "set", "eth0", "gso_max_segs", "1"]);
+        }
+        bulk(&c, LB, 256 * 1024);
+        let too_big = |h: &Harness| h.maps.counters.get(Reason::TooBig).expect("counter");
+        assert!(too_big(&c.a.1) > 0, "the client was told at A");
+        if mode == ExternalServiceMode::Tunnel {
+            assert!(too_big(&c.b.1) > 0, "the pod was told at B");
+        }
+    }
+
+    #[test]
+    fn external_client_keeps_its_address_through_the_tunnel() {
+        if !common::privileged("external_client_keeps_its_address_through_the_tunnel") {
+            return;
+        }
+        client_keeps_its_address(ExternalServiceMode::Tunnel);
+    }
+
+    #[test]
+    fn external_client_keeps_its_address_with_dsr() {
+        if !common::privileged("external_client_keeps_its_address_with_dsr") {
+            return;
+        }
+        client_keeps_its_address(ExternalServiceMode::Dsr);
+    }
+}

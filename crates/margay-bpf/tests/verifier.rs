@@ -38,6 +38,19 @@ fn every_program_variant_loads() {
                 CgroupProgram::ALL.len(),
                 t.elapsed()
             );
+            for p in TcProgram::ALL {
+                let (verified, size) = dp.tc_complexity(p).expect("program info");
+                eprintln!(
+                    "  {}: {verified:?} instructions verified, {size:?} bytes",
+                    p.name()
+                );
+                // The kernel accepts up to 1 000 000; this budget makes growth visible.
+                assert!(
+                    verified.is_none_or(|n| n < 100_000),
+                    "{}: {verified:?} instructions to verify",
+                    p.name()
+                );
+            }
             for name in names::ALL {
                 assert!(dir.join(name).exists(), "map {name} is not pinned");
             }

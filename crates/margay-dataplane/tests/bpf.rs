@@ -565,6 +565,7 @@ fn conntrack_cleanup_removes_expired_orphaned_and_stale_flows() {
             nat_addr: be_addr(back.0),
             nat_port: be_port(back.1),
             pad: 0,
+            ..CtValue::default()
         };
         let rev = CtValue {
             kind: CtType::NatReverse as u8,
@@ -886,6 +887,7 @@ fn scale_ten_thousand_services() {
             nat_addr: be_addr(back.0),
             nat_port: be_port(back.1),
             pad: 0,
+            ..CtValue::default()
         };
         let rev = CtValue {
             kind: CtType::NatReverse as u8,

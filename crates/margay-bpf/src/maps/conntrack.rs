@@ -21,6 +21,13 @@ pub const TCP_RST: u8 = 1 << 3;
 pub const F_CLIENT_IS_B: u8 = 1 << 0;
 /// `MG_CT_F_EXTERNAL`: the client came in through a host interface.
 pub const F_EXTERNAL: u8 = 1 << 1;
+/// `MG_CT_F_FROM_TUNNEL`: on the backend node, a pair whose flow came in the tunnel from the
+/// ingress node [`CtValue::tun_addr`]; replies are sent back through the tunnel. The forward
+/// entry's frontend may be the NodePort on the ingress node's address (served through the
+/// NodePort wildcard frontend, [`super::nat::NODEPORT_ANY`]).
+pub const F_FROM_TUNNEL: u8 = 1 << 2;
+/// `MG_CT_F_DSR`: with [`F_FROM_TUNNEL`], replies go straight to the client (DSR mode).
+pub const F_DSR: u8 = 1 << 3;
 
 /// Mirrors `struct mg_ct_key`: a 5-tuple with the lower endpoint first.
 #[repr(C)]
@@ -81,6 +88,9 @@ pub enum CtType {
     Normal = 0,
     NatForward = 1,
     NatReverse = 2,
+    /// `MG_CT_TUNNEL`: on the ingress node, an external flow sent in the tunnel to the node
+    /// [`CtValue::tun_addr`] without NAT. A single entry keyed by (client, frontend): no peer.
+    Tunnel = 3,
 }
 
 /// Mirrors `struct mg_ct_val`.
@@ -108,6 +118,10 @@ pub struct CtValue {
     /// be
     pub nat_port: u16,
     pub pad: u16,
+    /// be: [`CtType::Tunnel`]: the backend's node; with [`F_FROM_TUNNEL`]: the ingress node;
+    /// 0 otherwise.
+    pub tun_addr: u32,
+    pub pad2: u32,
 }
 
 impl CtValue {
@@ -116,6 +130,7 @@ impl CtValue {
             0 => Some(CtType::Normal),
             1 => Some(CtType::NatForward),
             2 => Some(CtType::NatReverse),
+            3 => Some(CtType::Tunnel),
             _ => None,
         }
     }
@@ -123,6 +138,11 @@ impl CtValue {
     /// The NAT address and port (forward: the backend; reverse: the frontend).
     pub fn nat(&self) -> (Ipv4Addr, u16) {
         (addr_of(self.nat_addr), port_of(self.nat_port))
+    }
+
+    /// The other node of a tunnelled flow (see [`CtValue::tun_addr`]), `None` otherwise.
+    pub fn tunnel_node(&self) -> Option<Ipv4Addr> {
+        (self.tun_addr != 0).then(|| addr_of(self.tun_addr))
     }
 
     /// TCP flags seen from the client and from the server side through this entry.

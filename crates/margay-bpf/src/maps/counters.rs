@@ -25,11 +25,21 @@ pub enum Reason {
     NewFlow = 7,
     /// Not a drop: TCP without SYN and without conntrack, left to the kernel.
     Fallthrough = 8,
+    /// Tunnel encapsulation or decapsulation failed.
+    Encap = 9,
+    /// No route or next hop for a tunnelled or decapsulated packet.
+    Fib = 10,
+    /// The encapsulated packet exceeds the route's MTU.
+    TooBig = 11,
+    /// A decapsulated packet of no known flow that opens none.
+    TunnelNoFlow = 12,
+    /// Not a drop: new flows sent in the tunnel to another node (also counted in `NewFlow`).
+    TunnelFlow = 13,
 }
 
 impl Reason {
     /// Every reason (`MG_REASON_MAX - 1` of them).
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 13] = [
         Reason::Short,
         Reason::NoBackend,
         Reason::BackendMissing,
@@ -38,6 +48,11 @@ impl Reason {
         Reason::Blackhole,
         Reason::NewFlow,
         Reason::Fallthrough,
+        Reason::Encap,
+        Reason::Fib,
+        Reason::TooBig,
+        Reason::TunnelNoFlow,
+        Reason::TunnelFlow,
     ];
 
     /// A stable name for metrics and logs.
@@ -51,11 +66,19 @@ impl Reason {
             Reason::Blackhole => "blackhole",
             Reason::NewFlow => "new_flow",
             Reason::Fallthrough => "fallthrough",
+            Reason::Encap => "encap",
+            Reason::Fib => "fib",
+            Reason::TooBig => "too_big",
+            Reason::TunnelNoFlow => "tunnel_no_flow",
+            Reason::TunnelFlow => "tunnel_flow",
         }
     }
 
     pub const fn is_drop(self) -> bool {
-        !matches!(self, Reason::NewFlow | Reason::Fallthrough)
+        !matches!(
+            self,
+            Reason::NewFlow | Reason::Fallthrough | Reason::TunnelFlow
+        )
     }
 }
 

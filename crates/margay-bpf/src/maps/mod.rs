@@ -21,6 +21,7 @@ pub mod counters;
 pub mod ctlb;
 pub mod ifstate;
 pub mod nat;
+pub mod node_config;
 pub mod routes;
 
 pub use conntrack::{Conntrack, CtKey, CtType, CtValue};
@@ -31,6 +32,7 @@ pub use nat::{
     Affinity, AffinityKey, AffinityValue, NatBackendKey, NatBackendValue, NatBackends,
     NatFrontendKey, NatFrontendValue, NatFrontends, Protocol,
 };
+pub use node_config::{ExternalServiceMode, NodeConfig, NodeConfigMap};
 pub use routes::{RouteKey, RouteValue, Routes};
 
 /// Implements `aya::Pod` for a `#[repr(C)]` mirror of a C struct.
@@ -78,9 +80,9 @@ pub fn shared_layouts() -> Vec<StructLayout> {
             [svc_id, count, local_count, flags, affinity_timeout_s]
         ),
         rust_layout!(NatBackendKey, "mg_nat_be_key", [svc_id, ordinal]),
-        rust_layout!(NatBackendValue, "mg_nat_be_val", [addr, port, pad]),
+        rust_layout!(NatBackendValue, "mg_nat_be_val", [addr, port, pad, node]),
         rust_layout!(AffinityKey, "mg_nat_aff_key", [svc_id, client]),
-        rust_layout!(AffinityValue, "mg_nat_aff_val", [ts_ns, be]),
+        rust_layout!(AffinityValue, "mg_nat_aff_val", [ts_ns, be, pad]),
         rust_layout!(
             CtKey,
             "mg_ct_key",
@@ -100,7 +102,9 @@ pub fn shared_layouts() -> Vec<StructLayout> {
                 peer,
                 nat_addr,
                 nat_port,
-                pad
+                pad,
+                tun_addr,
+                pad2
             ]
         ),
         rust_layout!(RouteKey, "mg_route_key", [prefixlen, addr]),
@@ -109,6 +113,7 @@ pub fn shared_layouts() -> Vec<StructLayout> {
         rust_layout!(IfStateValue, "mg_ifstate_val", [flags, name]),
         rust_layout!(CtlbRevKey, "mg_ctlb_rev_key", [cookie, addr, port, pad]),
         rust_layout!(CtlbRevValue, "mg_ctlb_rev_val", [addr, port, pad]),
+        rust_layout!(NodeConfig, "mg_node_cfg", [node_ip, flags]),
     ]
 }
 
@@ -122,8 +127,9 @@ pub mod names {
     pub const IF_STATE: &str = "mg_ifstate";
     pub const COUNTERS: &str = "mg_counters";
     pub const CTLB_REV: &str = "mg_ctlb_rev";
+    pub const NODE_CONFIG: &str = "mg_node_cfg";
     /// Every map the programs share, pinned by name in the pin directory.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         NAT_FRONTEND,
         NAT_BACKEND,
         NAT_AFFINITY,
@@ -132,6 +138,7 @@ pub mod names {
         IF_STATE,
         COUNTERS,
         CTLB_REV,
+        NODE_CONFIG,
     ];
 }
 
@@ -204,6 +211,7 @@ pub struct Maps {
     pub if_state: IfState,
     pub counters: Counters,
     pub ctlb_rev: CtlbRev,
+    pub node_config: NodeConfigMap,
 }
 
 impl Maps {
@@ -218,6 +226,7 @@ impl Maps {
             if_state: IfState::new(open_pinned(pin_dir, names::IF_STATE)?)?,
             counters: Counters::new(open_pinned(pin_dir, names::COUNTERS)?)?,
             ctlb_rev: CtlbRev::new(open_pinned(pin_dir, names::CTLB_REV)?)?,
+            node_config: NodeConfigMap::new(open_pinned(pin_dir, names::NODE_CONFIG)?)?,
         })
     }
 }

@@ -14,6 +14,11 @@ pub const PREFIX_FIXED: u32 = 64;
 /// Prefix length of a lookup (`MG_NAT_FE_PREFIX_FULL`).
 pub const PREFIX_FULL: u32 = PREFIX_FIXED + 32;
 
+/// `MG_NAT_FE_NODEPORT_ANY`: the address of a NodePort's wildcard frontend, looked up only for
+/// packets that came through the tunnel (their destination is the NodePort on the ingress
+/// node's address). See [`NatFrontendKey::node_port_any`].
+pub const NODEPORT_ANY: Ipv4Addr = Ipv4Addr::BROADCAST;
+
 /// `MG_FE_F_EXT_LOCAL`: externalTrafficPolicy Local.
 pub const FE_EXT_LOCAL: u32 = 1 << 0;
 /// `MG_FE_F_INT_LOCAL`: internalTrafficPolicy Local.
@@ -83,6 +88,13 @@ impl NatFrontendKey {
             pad: 0,
             src_addr,
         }
+    }
+
+    /// The wildcard frontend of a NodePort (address [`NODEPORT_ANY`]): the agent writes it next
+    /// to the per-address NodePort frontends, with the same value, so that a node receiving a
+    /// flow through the tunnel finds the service whichever node's address the client dialled.
+    pub fn node_port_any(port: u16, proto: Protocol) -> Self {
+        Self::new(NODEPORT_ANY, port, proto, None)
     }
 
     /// The key of a lookup by a packet from `client` (what the programs use).
@@ -172,15 +184,34 @@ pub struct NatBackendValue {
     /// be
     pub port: u16,
     pub pad: u16,
+    /// be: underlay address of the node hosting the backend; 0 = this node. An external flow
+    /// that picks a backend on another node goes there in the tunnel (tunnel mode).
+    pub node: u32,
 }
 
 impl NatBackendValue {
+    /// A backend on this node (or one whose node is not known: then it is DNATed here).
     pub fn new(addr: Ipv4Addr, port: u16) -> Self {
         Self {
             addr: be_addr(addr),
             port: be_port(port),
             pad: 0,
+            node: 0,
         }
+    }
+
+    /// The same backend, hosted by the node with underlay address `node`.
+    #[must_use]
+    pub fn on_node(self, node: Ipv4Addr) -> Self {
+        Self {
+            node: be_addr(node),
+            ..self
+        }
+    }
+
+    /// The node hosting the backend, `None` for this node.
+    pub fn node(&self) -> Option<Ipv4Addr> {
+        (self.node != 0).then(|| addr_of(self.node))
     }
 
     pub fn addr(&self) -> Ipv4Addr {
@@ -209,6 +240,7 @@ pub struct AffinityValue {
     /// host: CLOCK_MONOTONIC ns when chosen.
     pub ts_ns: u64,
     pub be: NatBackendValue,
+    pub pad: u32,
 }
 
 impl_pod!(
@@ -309,7 +341,8 @@ pub struct ServiceNat {
     pub frontends: Vec<(NatFrontendKey, u32)>,
     /// Backends on this node; they get the lowest ordinals.
     pub local: Vec<NatBackendValue>,
-    /// Backends on other nodes.
+    /// Backends on other nodes (with their node, [`NatBackendValue::on_node`], for tunnel
+    /// mode).
     pub remote: Vec<NatBackendValue>,
     pub affinity_timeout_s: u32,
 }

@@ -135,6 +135,20 @@ impl Netns {
         sh("ip", &a)
     }
 
+    /// The index of interface `dev` in this namespace.
+    pub fn ifindex(&self, dev: &str) -> u32 {
+        let out = self.ip(&["-o", "link", "show", dev]);
+        out.split(':')
+            .next()
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no ifindex in {out}"))
+    }
+
+    /// The MAC address of interface `dev` in this namespace, as `aa:bb:..`.
+    pub fn mac(&self, dev: &str) -> String {
+        mac(&self.ip(&["-o", "link", "show", dev]))
+    }
+
     /// Runs `f` on a new thread that has entered this namespace (the calling thread's
     /// namespace is never changed).
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
@@ -281,66 +295,72 @@ impl Topology {
     }
 
     fn wire(&self, pod: &Netns, veth: &str, ip: &str) {
-        self.node.ip(&[
-            "link",
-            "add",
-            veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            pod.name(),
-        ]);
-        self.node.ip(&["link", "set", veth, "up"]);
-        pod.ip(&["link", "set", "eth0", "up"]);
-        pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
-        pod.ip(&[
-            "route",
-            "add",
-            "169.254.1.1",
-            "dev",
-            "eth0",
-            "scope",
-            "link",
-        ]);
-        pod.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            "169.254.1.1",
-            "dev",
-            "eth0",
-        ]);
-        let node_mac = mac(&self.node.ip(&["-o", "link", "show", veth]));
-        let pod_mac = mac(&pod.ip(&["-o", "link", "show", "eth0"]));
-        pod.ip(&[
-            "neigh",
-            "add",
-            "169.254.1.1",
-            "lladdr",
-            &node_mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ]);
-        self.node
-            .ip(&["route", "add", &format!("{ip}/32"), "dev", veth]);
-        self.node.ip(&[
-            "neigh",
-            "add",
-            ip,
-            "lladdr",
-            &pod_mac,
-            "dev",
-            veth,
-            "nud",
-            "permanent",
-        ]);
+        wire_pod(&self.node, pod, veth, ip);
     }
+}
+
+/// Wires `pod` to `node` as Calico does: a veth (`eth0` in the pod, `veth` on the node), a /32
+/// on the pod, a default route via 169.254.1.1 (static neighbour: the node's veth), a host route
+/// and a static neighbour on the node.
+pub fn wire_pod(node: &Netns, pod: &Netns, veth: &str, ip: &str) {
+    node.ip(&[
+        "link",
+        "add",
+        veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        pod.name(),
+    ]);
+    node.ip(&["link", "set", veth, "up"]);
+    pod.ip(&["link", "set", "eth0", "up"]);
+    pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+    pod.ip(&[
+        "route",
+        "add",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ]);
+    pod.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+    ]);
+    let node_mac = mac(&node.ip(&["-o", "link", "show", veth]));
+    let pod_mac = mac(&pod.ip(&["-o", "link", "show", "eth0"]));
+    pod.ip(&[
+        "neigh",
+        "add",
+        "169.254.1.1",
+        "lladdr",
+        &node_mac,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    node.ip(&["route", "add", &format!("{ip}/32"), "dev", veth]);
+    node.ip(&[
+        "neigh",
+        "add",
+        ip,
+        "lladdr",
+        &pod_mac,
+        "dev",
+        veth,
+        "nud",
+        "permanent",
+    ]);
 }
 
 fn mac(link_show: &str) -> String {

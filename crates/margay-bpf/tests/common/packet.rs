@@ -24,6 +24,8 @@ pub struct Pkt {
     pub ip_options: Vec<u8>,
     /// UDP only: send without checksum (0).
     pub no_udp_csum: bool,
+    /// Clear the IPv4 "don't fragment" bit (set by default, as Linux sets it).
+    pub may_fragment: bool,
 }
 
 impl Pkt {
@@ -36,6 +38,7 @@ impl Pkt {
             payload: b"margay".to_vec(),
             ip_options: Vec::new(),
             no_udp_csum: false,
+            may_fragment: false,
         }
     }
 
@@ -85,7 +88,8 @@ impl Pkt {
         p.push(0x40 | (ihl / 4) as u8);
         p.push(0);
         p.extend_from_slice(&(total as u16).to_be_bytes());
-        p.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, self.proto, 0, 0]);
+        let df = if self.may_fragment { 0 } else { 0x40 };
+        p.extend_from_slice(&[0x12, 0x34, df, 0x00, 64, self.proto, 0, 0]);
         p.extend_from_slice(&self.src.0.octets());
         p.extend_from_slice(&self.dst.0.octets());
         p.extend_from_slice(&self.ip_options);
@@ -188,4 +192,142 @@ pub fn csum(data: &[u8], initial: u32) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+// === Ethernet addresses and the tunnel (VXLAN) ===
+
+pub type Mac = [u8; 6];
+
+/// `frame` with its Ethernet destination and source replaced.
+pub fn with_macs(frame: &[u8], dst: Mac, src: Mac) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[0..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&src);
+    f
+}
+
+/// The Ethernet (destination, source) of a frame.
+pub fn macs(frame: &[u8]) -> (Mac, Mac) {
+    let mut d = [0u8; 6];
+    let mut s = [0u8; 6];
+    d.copy_from_slice(&frame[0..6]);
+    s.copy_from_slice(&frame[6..12]);
+    (d, s)
+}
+
+/// Margay's tunnel (Calico's values): VXLAN on UDP 4789, VNI 0xca11c0.
+pub const TUNNEL_PORT: u16 = 4789;
+pub const TUNNEL_VNI: u32 = 0x00ca_11c0;
+
+/// An Ethernet frame carried in VXLAN: outer Ethernet, IPv4 (no options, DF, TTL 64, id 0),
+/// UDP (checksum 0), VXLAN, then `inner` (a whole Ethernet frame).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vxlan {
+    pub eth_dst: Mac,
+    pub eth_src: Mac,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub tos: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub vni: u32,
+    pub inner: Vec<u8>,
+}
+
+impl Vxlan {
+    pub fn new(eth: (Mac, Mac), src: Ipv4Addr, dst: Ipv4Addr, sport: u16, inner: &[u8]) -> Self {
+        Self {
+            eth_dst: eth.0,
+            eth_src: eth.1,
+            src,
+            dst,
+            tos: 0,
+            sport,
+            dport: TUNNEL_PORT,
+            vni: TUNNEL_VNI,
+            inner: inner.to_vec(),
+        }
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let total = 20 + 8 + 8 + self.inner.len();
+        let mut p = Vec::with_capacity(14 + total);
+        p.extend_from_slice(&self.eth_dst);
+        p.extend_from_slice(&self.eth_src);
+        p.extend_from_slice(&[0x08, 0x00]);
+        p.extend_from_slice(&[0x45, self.tos]);
+        p.extend_from_slice(&(total as u16).to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0x40, 0x00, 64, UDP, 0, 0]);
+        p.extend_from_slice(&self.src.octets());
+        p.extend_from_slice(&self.dst.octets());
+        let c = csum(&p[14..34], 0);
+        p[24..26].copy_from_slice(&c.to_be_bytes());
+        p.extend_from_slice(&self.sport.to_be_bytes());
+        p.extend_from_slice(&self.dport.to_be_bytes());
+        p.extend_from_slice(&((total - 20) as u16).to_be_bytes());
+        p.extend_from_slice(&[0, 0]);
+        p.extend_from_slice(&[0x08, 0, 0, 0]);
+        p.extend_from_slice(&(self.vni << 8).to_be_bytes());
+        p.extend_from_slice(&self.inner);
+        p
+    }
+
+    /// Reads a frame as VXLAN over IPv4/UDP (`None` if it is not), checking the outer IPv4
+    /// checksum from scratch (panics when wrong).
+    pub fn parse(p: &[u8]) -> Option<Self> {
+        if p.len() < 14 + 20 + 8 + 8 + 14 || p[12..14] != [0x08, 0x00] || p[14] != 0x45 {
+            return None;
+        }
+        if p[23] != UDP {
+            return None;
+        }
+        assert_eq!(csum(&p[14..34], 0), 0, "outer IPv4 checksum of {p:?}");
+        let total = usize::from(u16::from_be_bytes([p[16], p[17]]));
+        assert_eq!(total, p.len() - 14, "outer IPv4 total length");
+        let udp = &p[34..42];
+        assert_eq!(
+            usize::from(u16::from_be_bytes([udp[4], udp[5]])),
+            total - 20,
+            "outer UDP length"
+        );
+        let (eth_dst, eth_src) = macs(p);
+        Some(Self {
+            eth_dst,
+            eth_src,
+            src: Ipv4Addr::new(p[26], p[27], p[28], p[29]),
+            dst: Ipv4Addr::new(p[30], p[31], p[32], p[33]),
+            tos: p[15],
+            sport: u16::from_be_bytes([udp[0], udp[1]]),
+            dport: u16::from_be_bytes([udp[2], udp[3]]),
+            vni: u32::from_be_bytes([p[46], p[47], p[48], p[49]]) >> 8,
+            inner: p[50..].to_vec(),
+        })
+    }
+}
+
+/// ICMP "fragmentation needed" (type 3 code 4) from `src` to `dst` announcing `mtu`, quoting the
+/// IPv4 header and first 8 payload bytes of `frame` (a whole Ethernet frame, no IP options), as
+/// the programs build it: TOS 0xc0, id 0, no DF, TTL 64.
+pub fn icmp_too_big(
+    eth: (Mac, Mac),
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    mtu: u16,
+    frame: &[u8],
+) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&eth.0);
+    p.extend_from_slice(&eth.1);
+    p.extend_from_slice(&[0x08, 0x00]);
+    p.extend_from_slice(&[0x45, 0xc0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    let c = csum(&p[14..34], 0);
+    p[24..26].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(&[3, 4, 0, 0, 0, 0]);
+    p.extend_from_slice(&mtu.to_be_bytes());
+    p.extend_from_slice(&frame[14..14 + 28]);
+    let c = csum(&p[34..], 0);
+    p[36..38].copy_from_slice(&c.to_be_bytes());
+    p
 }
