@@ -203,11 +203,28 @@ pub struct BackendKey {
 pub struct Backend {
     pub addr: Ipv4Addr,
     pub port: u16,
+    /// The node that hosts a remote backend (Tunnel mode sends external flows there);
+    /// unspecified for local backends and when the node is not known.
+    pub node: Ipv4Addr,
+}
+
+impl Backend {
+    pub fn new(addr: Ipv4Addr, port: u16) -> Backend {
+        Backend {
+            addr,
+            port,
+            node: Ipv4Addr::UNSPECIFIED,
+        }
+    }
 }
 
 impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.addr, self.port)
+        write!(f, "{}:{}", self.addr, self.port)?;
+        if !self.node.is_unspecified() {
+            write!(f, " on {}", self.node)?;
+        }
+        Ok(())
     }
 }
 
@@ -659,7 +676,7 @@ fn endpoints_for(p: &PortInfo, slices: &[&EndpointSlice], node: &NodeContext) ->
                 let cond = ep.conditions.clone().unwrap_or_default();
                 let local = !node.node_name.is_empty()
                     && ep.node_name.as_deref() == Some(node.node_name.as_str());
-                let backend = Backend { addr, port };
+                let backend = Backend::new(addr, port);
                 let endpoint = Endpoint {
                     backend,
                     local,
@@ -716,6 +733,12 @@ fn lists_for(p: &PortInfo, eps: &[Endpoint], node: &NodeContext, out: &mut Vec<N
         for ip in &node.node_ips {
             frontends.push((FrontendKey::new(*ip, p.node_port, p.proto), ext));
         }
+        // The wildcard a backend node matches a NodePort flow by when it arrives through the
+        // tunnel from another node (its destination is that node's address).
+        frontends.push((
+            FrontendKey::new(Ipv4Addr::BROADCAST, p.node_port, p.proto),
+            ext,
+        ));
     }
     for ip in &p.external_ips {
         frontends.push((FrontendKey::new(*ip, p.port, p.proto), ext));

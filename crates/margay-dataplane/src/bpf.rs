@@ -35,6 +35,7 @@ pub mod conntrack;
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -139,13 +140,19 @@ fn backend_key(k: &BackendKey) -> NatBackendKey {
 }
 
 fn backend_value(b: &Backend) -> NatBackendValue {
-    NatBackendValue::new(b.addr, b.port)
+    let value = NatBackendValue::new(b.addr, b.port);
+    if b.node.is_unspecified() {
+        value
+    } else {
+        value.on_node(b.node)
+    }
 }
 
 fn model_backend(v: &NatBackendValue) -> Backend {
     Backend {
         addr: v.addr(),
         port: v.port(),
+        node: v.node().unwrap_or(Ipv4Addr::UNSPECIFIED),
     }
 }
 
@@ -231,6 +238,8 @@ pub struct BpfNatDriver {
     foreign_frontends: Vec<NatFrontendKey>,
     applied: bool,
     adopted: AdoptReport,
+    /// Other nodes' addresses, for remote backends (Tunnel mode).
+    peers: BTreeMap<String, Ipv4Addr>,
 }
 
 impl BpfNatDriver {
@@ -243,6 +252,7 @@ impl BpfNatDriver {
             foreign_frontends: Vec::new(),
             applied: false,
             adopted: AdoptReport::default(),
+            peers: BTreeMap::new(),
         };
         driver.resync()?;
         Ok(driver)
@@ -342,11 +352,61 @@ impl BpfNatDriver {
         slices: &[EndpointSlice],
         node: &NodeContext,
     ) -> Result<ApplyReport, BpfError> {
-        let desired = bpf_nat_model(services, slices, node, &self.current);
+        let mut desired = bpf_nat_model(services, slices, node, &self.current);
+        self.place_remote_backends(&mut desired, slices, node);
         for c in &desired.conflicts {
             tracing::warn!(conflict = %c, "two services claim one frontend");
         }
         self.apply(&desired)
+    }
+
+    /// Sets this node's Tunnel/DSR configuration for the programs: its own address (0 turns the
+    /// tunnel off) and how replies of tunnelled flows return.
+    pub fn set_node_config(&mut self, cfg: &margay_bpf::maps::NodeConfig) -> Result<(), BpfError> {
+        self.maps.node_config.set(cfg)?;
+        Ok(())
+    }
+
+    /// Tells the driver where other nodes are (node name -> address): backends on those nodes
+    /// are written with their node, which the programs' Tunnel mode sends external flows to.
+    pub fn set_peer_nodes(&mut self, peers: BTreeMap<String, Ipv4Addr>) {
+        self.peers = peers;
+    }
+
+    /// Fills in the node of every backend that runs on another known node.
+    fn place_remote_backends(
+        &self,
+        model: &mut NatModel,
+        slices: &[EndpointSlice],
+        node: &NodeContext,
+    ) {
+        if self.peers.is_empty() {
+            return;
+        }
+        let mut node_of: BTreeMap<Ipv4Addr, Ipv4Addr> = BTreeMap::new();
+        for slice in slices {
+            for ep in &slice.endpoints {
+                let Some(name) = ep.node_name.as_deref() else {
+                    continue;
+                };
+                if name == node.node_name {
+                    continue;
+                }
+                let Some(ip) = self.peers.get(name) else {
+                    continue;
+                };
+                for addr in &ep.addresses {
+                    if let Ok(a) = addr.parse() {
+                        node_of.insert(a, *ip);
+                    }
+                }
+            }
+        }
+        for backend in model.backends.values_mut() {
+            if let Some(ip) = node_of.get(&backend.addr) {
+                backend.node = *ip;
+            }
+        }
     }
 
     /// Makes the maps hold `desired` by difference (see the module doc for the order).

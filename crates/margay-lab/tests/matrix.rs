@@ -464,12 +464,13 @@ fn vxlan_always_carries_pod_traffic_between_nodes_in_a_tunnel() {
 }
 
 #[test]
-fn bpf_dataplane_matrix_keeps_client_addresses_for_local_backends() {
-    if skip_unless_root("bpf_dataplane_matrix_keeps_client_addresses_for_local_backends") {
+fn bpf_dataplane_matrix_keeps_client_addresses_on_every_node() {
+    if skip_unless_root("bpf_dataplane_matrix_keeps_client_addresses_on_every_node") {
         return;
     }
-    // LoadBalancer traffic goes to node-1, which runs the backend of `echo`.
-    let lab = TestLab::up("bx", &["--dataplane", "bpf", "--lb-mode", "node-1"]);
+    // LoadBalancer traffic is spread over every node (ECMP); only node-1 runs `echo`'s backend:
+    // the others reach it through the Tunnel mode (VXLAN to node-1, which NATs).
+    let lab = TestLab::up("bx", &["--dataplane", "bpf"]);
     lab.apply(WORKLOADS);
     let nodes = lab.ok(&["get", "nodes", "-o", "wide"]);
     assert_eq!(
@@ -543,10 +544,23 @@ fn bpf_dataplane_matrix_keeps_client_addresses_for_local_backends() {
         Err(()),
     );
     check(
-        "client -> LoadBalancer IP (router -> node-1): the CLIENT's IP",
-        lab.probe(&From::Client, "tcp", &tcp80(&lb)),
+        "client -> NodePort on a node WITHOUT the backend (Tunnel): CLIENT IP",
+        lab.probe(&From::Client, "tcp", &format!("{NODE_2}:30080")),
         Ok(CLIENT),
     );
+    check(
+        "client -> NodePort on node-3 (Tunnel): CLIENT IP",
+        lab.probe(&From::Client, "tcp", "10.224.0.6:30080"),
+        Ok(CLIENT),
+    );
+    // The router spreads connections over the nodes: every one must show the client.
+    for i in 0..6 {
+        check(
+            &format!("client -> LoadBalancer IP, ECMP connection {i}: CLIENT IP"),
+            lab.probe(&From::Client, "tcp", &tcp80(&lb)),
+            Ok(CLIENT),
+        );
+    }
     check(
         "pod -> ClusterIP without endpoints: refused",
         lab.probe(&From::Pod("client-1"), "tcp", &tcp80(&cluster_ip("empty"))),

@@ -290,7 +290,12 @@ impl Agent {
                 if let Some(bpf) = self.bpf.as_mut() {
                     let cidrs: Vec<ipnet::Ipv4Net> = pools.iter().map(|(n, _)| *n).collect();
                     match tokio::task::block_in_place(|| {
-                        bpf.sync(&node, &local_ips, &cidrs, &services, &slices, &felix)
+                        let peers: BTreeMap<String, Ipv4Addr> = peers
+                            .iter()
+                            .filter(|(name, _)| **name != node)
+                            .map(|(name, p)| (name.clone(), p.ip))
+                            .collect();
+                        bpf.sync(&node, &local_ips, peers, &cidrs, &services, &slices, &felix)
                     }) {
                         Ok(summary) => {
                             active = LinuxDataplane::Bpf;

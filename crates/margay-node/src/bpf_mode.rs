@@ -132,10 +132,15 @@ impl BpfDataplane {
 
     /// Attaches the TC programs to new interfaces, writes the NAT maps, and now and then removes
     /// expired conntrack pairs. Returns a one-line summary.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one sync's inputs, all from the agent's cache"
+    )]
     pub fn sync(
         &mut self,
         node: &str,
         node_ips: &[Ipv4Addr],
+        peers: std::collections::BTreeMap<String, Ipv4Addr>,
         pools: &[Ipv4Net],
         services: &[Service],
         slices: &[EndpointSlice],
@@ -167,6 +172,19 @@ impl BpfDataplane {
                 self.attached.insert((iface.clone(), prog.name()));
             }
         }
+        // Tunnel mode: this node's address tells the programs to send external flows for
+        // backends on other nodes to those nodes (whose addresses the backends carry).
+        let mode = match felix.bpf_external_service_mode {
+            Some(margay_api::calico::felix::ExternalServiceMode::Dsr) => {
+                margay_bpf::maps::ExternalServiceMode::Dsr
+            }
+            _ => margay_bpf::maps::ExternalServiceMode::Tunnel,
+        };
+        if let Some(ip) = node_ips.first() {
+            self.driver
+                .set_node_config(&margay_bpf::maps::NodeConfig::new(*ip, mode))?;
+        }
+        self.driver.set_peer_nodes(peers);
         let context = NodeContext {
             node_name: node.to_owned(),
             node_ips: node_ips.to_vec(),

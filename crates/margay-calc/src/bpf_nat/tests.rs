@@ -153,10 +153,7 @@ fn an_id_freed_in_this_sync_is_not_reused() {
                 svc_id: id,
                 ordinal: 0,
             },
-            Backend {
-                addr: Ipv4Addr::new(10, 1, 1, 1),
-                port: 1,
-            },
+            Backend::new(Ipv4Addr::new(10, 1, 1, 1), 1),
         );
         m
     };

@@ -208,17 +208,22 @@ impl LiveBackends {
         Self { by_frontend }
     }
 
-    /// Whether `backend` still serves `frontend` (false when the frontend is gone).
+    /// Whether `backend` still serves `frontend` (false when the frontend is gone). A flow that
+    /// came through the tunnel to a NodePort of another node names that node's address: it is
+    /// matched through the NodePort wildcard frontend, as the programs matched it.
     pub fn serves(&self, frontend: (Ipv4Addr, u16), proto: u8, backend: (Ipv4Addr, u16)) -> bool {
-        self.by_frontend
-            .get(&(frontend.0, frontend.1, proto))
-            .is_some_and(|set| set.contains(&backend))
+        [frontend.0, Ipv4Addr::BROADCAST].iter().any(|addr| {
+            self.by_frontend
+                .get(&(*addr, frontend.1, proto))
+                .is_some_and(|set| set.contains(&backend))
+        })
     }
 
-    /// Whether the model has this frontend at all.
+    /// Whether the model has this frontend at all (directly or through the NodePort wildcard).
     pub fn has_frontend(&self, frontend: (Ipv4Addr, u16), proto: u8) -> bool {
-        self.by_frontend
-            .contains_key(&(frontend.0, frontend.1, proto))
+        [frontend.0, Ipv4Addr::BROADCAST]
+            .iter()
+            .any(|addr| self.by_frontend.contains_key(&(*addr, frontend.1, proto)))
     }
 }
 

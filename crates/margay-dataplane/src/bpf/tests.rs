@@ -269,10 +269,7 @@ fn live_backends_are_per_frontend() {
             svc_id: 7,
             ordinal: 0,
         },
-        Backend {
-            addr: BACK.0,
-            port: BACK.1,
-        },
+        Backend::new(BACK.0, BACK.1),
     );
     let live = LiveBackends::new(&m);
     assert!(live.serves(FRONT, 6, BACK));
