@@ -678,3 +678,87 @@ fn switching_dataplanes_live_keeps_new_requests_working() {
     let saved = lab.ok(&["node", "exec", "node-1", "--", "iptables-save", "-t", "nat"]);
     assert!(saved.contains("KUBE-SERVICES"), "kube-proxy rules are back");
 }
+
+#[test]
+fn yaobank_shows_the_client_address_after_switching_to_bpf_and_a_node_address_after_switching_back()
+{
+    if skip_unless_root("yaobank_shows_the_client_address_after_switching_to_bpf") {
+        return;
+    }
+    // The seed's steps 4, 8, 10 and the reversal: before, the customer logs a node's address;
+    // after switching the Installation to BPF (live: no agent or pod restarts), the client's,
+    // whichever node the load balancer picks; after switching back, a node's again.
+    let lab = TestLab::up("yb", &[]);
+    lab.apply_example("examples/yaobank.yaml");
+    lab.apply_example("examples/yaobank-customer-lb.yaml");
+    let lb = lab.jsonpath(
+        &["svc", "yaobank-customer", "-n", "yaobank"],
+        "{.status.loadBalancer.ingress[0].ip}",
+    );
+    let sources_of_new_requests = |n: usize| -> Vec<String> {
+        let before = lab
+            .ok(&["logs", "-n", "yaobank", "deployment/customer"])
+            .lines()
+            .count();
+        for _ in 0..n {
+            let page = lab.ok(&[
+                "client",
+                "--",
+                "curl",
+                "-s",
+                "-m",
+                "5",
+                &format!("http://{lb}/"),
+            ]);
+            assert!(page.contains("Balance: 2389.45"), "{page}");
+        }
+        lab.ok(&["logs", "-n", "yaobank", "deployment/customer"])
+            .lines()
+            .skip(before)
+            .filter(|l| l.contains("\"GET / HTTP/1.1\" 200 -"))
+            .map(|l| l.split_whitespace().next().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let set_dataplane = |dp: &str| {
+        lab.margayctl(&[
+            "patch",
+            "installation.operator.tigera.io",
+            "default",
+            "--type",
+            "merge",
+            "-p",
+            &format!(r#"{{"spec":{{"calicoNetwork":{{"linuxDataplane":"{dp}"}}}}}}"#),
+        ]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let active = lab.jsonpath(&["nodes"], "{.items[*].status.dataplane.active}");
+            if active.split_whitespace().filter(|a| *a == dp).count() == 3 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not all nodes run {dp}: {active}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    let nodes = [NODE_1, NODE_2, "10.224.0.6"];
+    let before = sources_of_new_requests(4);
+    assert!(
+        before.iter().all(|s| nodes.contains(&s.as_str())),
+        "before: {before:?}"
+    );
+    set_dataplane("BPF");
+    let after = sources_of_new_requests(6);
+    println!("customer saw, before {before:?}, after the switch {after:?}");
+    assert!(
+        after.iter().all(|s| s == CLIENT),
+        "after the switch to BPF: {after:?}"
+    );
+    set_dataplane("Iptables");
+    let reverted = sources_of_new_requests(4);
+    assert!(
+        reverted.iter().all(|s| nodes.contains(&s.as_str())),
+        "after the reversal: {reverted:?}"
+    );
+}
