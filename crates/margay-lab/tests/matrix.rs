@@ -571,6 +571,33 @@ fn bpf_dataplane_matrix_keeps_client_addresses_on_every_node() {
         lab.probe(&From::Pod("echo-1"), "tcp", &tcp80(&echo)),
         Ok(echo1.as_str()),
     );
+    // healthCheckNodePort, still answered by the agent in BPF mode.
+    let hc = lab.jsonpath(
+        &["svc", "echo-lb-local", "-n", "matrix"],
+        "{.spec.healthCheckNodePort}",
+    );
+    for (node, want) in [(NODE_1, "200"), (NODE_2, "503")] {
+        let out = lab.run(&[
+            "client",
+            "--",
+            "curl",
+            "-s",
+            "-m",
+            "3",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{node}:{hc}/"),
+        ]);
+        let got = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        println!("{:<62} {got}", format!("healthCheckNodePort on {node}"));
+        if got != want {
+            failures.push(format!(
+                "healthCheckNodePort on {node}: wanted {want}, got {got}"
+            ));
+        }
+    }
     let dns = lab.run(&[
         "exec", "-n", "matrix", "client-1", "--", "getent", "hosts", "echo",
     ]);

@@ -316,7 +316,9 @@ impl Agent {
         // default) or stay untouched but unused; natOutgoing stays either way.
         let cleanup = felix.bpf_kube_proxy_iptables_cleanup_enabled != Some(false);
         let proxy = if active == LinuxDataplane::Bpf && cleanup {
-            self.proxy.sync_nat_outgoing_only(&pools).await
+            self.proxy
+                .sync_nat_outgoing_only(&node, &services, &slices, &pools)
+                .await
         } else {
             self.proxy
                 .sync(&node, &local_ips, &services, &slices, &pools)

@@ -69,6 +69,9 @@ impl ProxyDataplane {
     /// kernel's conntrack never saw.
     pub async fn sync_nat_outgoing_only(
         &mut self,
+        node: &str,
+        services: &[Service],
+        slices: &[EndpointSlice],
         pools: &[(Ipv4Net, bool)],
     ) -> Result<ProxySummary> {
         let mut ruleset = margay_calc::Ruleset::default();
@@ -81,7 +84,8 @@ impl ProxyDataplane {
                 report.chains_written,
                 report.chains_deleted
             ),
-            health_checks: BTreeMap::new(),
+            // The agent still answers healthCheckNodePorts in BPF mode.
+            health_checks: health_checks(node, services, slices),
         })
     }
 
