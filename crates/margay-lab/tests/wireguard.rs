@@ -20,7 +20,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{From, TestLab, peer, skip_unless_root};
+use common::{From, TestLab, WORKLOADS, peer, skip_unless_root};
 
 // === what these tests add to the harness ===
 
@@ -296,106 +296,6 @@ const NODE_IP: [(&str, &str); 3] = [
     ("node-2", "10.224.0.5"),
     ("node-3", "10.224.0.6"),
 ];
-
-const WORKLOADS: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: matrix}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: echo-1, namespace: matrix, labels: {app: echo}}
-spec:
-  nodeName: node-1
-  containers:
-  - name: echo
-    image: margay/echo
-    ports: [{containerPort: 8080}, {containerPort: 5353, protocol: UDP}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: echo-2a, namespace: matrix, labels: {app: echo2}}
-spec:
-  nodeName: node-2
-  containers: [{name: echo, image: margay/echo, ports: [{containerPort: 8080}]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: echo-2b, namespace: matrix, labels: {app: echo2}}
-spec:
-  nodeName: node-3
-  containers: [{name: echo, image: margay/echo, ports: [{containerPort: 8080}]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client-1, namespace: matrix}
-spec:
-  nodeName: node-1
-  containers: [{name: sleep, image: busybox, command: [sleep, "100000"]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client-2, namespace: matrix}
-spec:
-  nodeName: node-2
-  containers: [{name: sleep, image: busybox, command: [sleep, "100000"]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client-3, namespace: matrix}
-spec:
-  nodeName: node-3
-  containers: [{name: sleep, image: busybox, command: [sleep, "100000"]}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: echo, namespace: matrix}
-spec:
-  selector: {app: echo}
-  ports:
-  - {name: tcp, port: 80, targetPort: 8080}
-  - {name: udp, port: 53, targetPort: 5353, protocol: UDP}
----
-apiVersion: v1
-kind: Service
-metadata: {name: echo-np, namespace: matrix}
-spec:
-  type: NodePort
-  selector: {app: echo}
-  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: echo-local, namespace: matrix}
-spec:
-  type: NodePort
-  externalTrafficPolicy: Local
-  selector: {app: echo}
-  ports: [{port: 80, targetPort: 8080, nodePort: 30081}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: echo-lb, namespace: matrix}
-spec:
-  type: LoadBalancer
-  selector: {app: echo}
-  ports: [{port: 80, targetPort: 8080}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: sticky, namespace: matrix}
-spec:
-  selector: {app: echo2}
-  sessionAffinity: ClientIP
-  ports: [{port: 80, targetPort: 8080}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: empty, namespace: matrix}
-spec:
-  selector: {app: nothing}
-  ports: [{port: 80, targetPort: 8080}]
-"#;
 
 /// Pod traffic between every pair of nodes, both ways, TCP and UDP, straight to pod addresses:
 /// each answer must show the client pod's own address (nothing is NATed on the way).

@@ -163,3 +163,116 @@ pub enum From {
 pub fn peer(line: &str) -> &str {
     line.split(':').next().unwrap_or_default()
 }
+
+/// The workloads the lab tests probe, in namespace `matrix`: echo backends on node-1 (`app: echo`)
+/// and on node-2 and node-3 (`app: echo2`), a client pod on each node, and Services of every kind
+/// in front of them (ClusterIP, NodePort, NodePort Local, LoadBalancer, LoadBalancer Local,
+/// ClientIP affinity, and one without endpoints).
+pub const WORKLOADS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: matrix}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-1, namespace: matrix, labels: {app: echo}}
+spec:
+  nodeName: node-1
+  containers:
+  - name: echo
+    image: margay/echo
+    ports: [{containerPort: 8080}, {containerPort: 5353, protocol: UDP}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-2a, namespace: matrix, labels: {app: echo2}}
+spec:
+  nodeName: node-2
+  containers: [{name: echo, image: margay/echo, ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-2b, namespace: matrix, labels: {app: echo2}}
+spec:
+  nodeName: node-3
+  containers: [{name: echo, image: margay/echo, ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client-1, namespace: matrix}
+spec:
+  nodeName: node-1
+  containers: [{name: sleep, image: busybox, command: [sleep, "100000"]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client-2, namespace: matrix}
+spec:
+  nodeName: node-2
+  containers: [{name: sleep, image: busybox, command: [sleep, "100000"]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client-3, namespace: matrix}
+spec:
+  nodeName: node-3
+  containers: [{name: sleep, image: busybox, command: [sleep, "100000"]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: matrix}
+spec:
+  selector: {app: echo}
+  ports:
+  - {name: tcp, port: 80, targetPort: 8080}
+  - {name: udp, port: 53, targetPort: 5353, protocol: UDP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-np, namespace: matrix}
+spec:
+  type: NodePort
+  selector: {app: echo}
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-local, namespace: matrix}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  selector: {app: echo}
+  ports: [{port: 80, targetPort: 8080, nodePort: 30081}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-lb, namespace: matrix}
+spec:
+  type: LoadBalancer
+  selector: {app: echo}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-lb-local, namespace: matrix}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {app: echo}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: matrix}
+spec:
+  selector: {app: echo2}
+  sessionAffinity: ClientIP
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: matrix}
+spec:
+  selector: {app: nothing}
+  ports: [{port: 80, targetPort: 8080}]
+"#;
