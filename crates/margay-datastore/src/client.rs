@@ -11,7 +11,7 @@
 //! read, retrying from the read when another writer got there first. That is what lets many
 //! processes patch different fields of one object at once without losing any of them.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use margay_api::patch::{PatchError, PatchType, apply_patch};
@@ -23,6 +23,10 @@ use crate::registry::Allocations;
 
 /// How many times a read-compute-commit is retried when other writers keep winning.
 const MAX_ATTEMPTS: usize = 64;
+
+/// From this many objects in one commit on, the client lists what is stored instead of reading
+/// each key (see `Client::current_objects`).
+const LIST_INSTEAD_OF_GET: usize = 32;
 
 /// Namespaces Kubernetes refuses to delete.
 const PROTECTED_NAMESPACES: [&str; 3] = ["default", "kube-system", "kube-public"];
@@ -127,8 +131,60 @@ impl Client {
         mode: WriteMode,
     ) -> Result<Vec<Stored>, ClientError> {
         let prepared = prepare_all(manifests, default_namespace)?;
+        self.write_prepared(&prepared, mode).await
+    }
+
+    /// Writes many objects (tens of thousands of Services and EndpointSlices) in atomic batches
+    /// of at most `batch_size` objects, for bulk loads such as the benchmarks' and scale tests'.
+    ///
+    /// Every manifest is validated (and checked for duplicates), and the whole input is planned
+    /// once against the store as it is (namespaces exist, creates are new, requested addresses
+    /// and ports are free) before anything is written, so bad input changes nothing. Each batch
+    /// is then one [`Client::write`]-style commit with the same checks and registry allocations
+    /// against a fresh read; objects a batch needs (its namespaces, addresses allocated by
+    /// earlier batches) are seen because earlier batches are committed. A concurrent writer or a
+    /// store failure part-way leaves the earlier batches written, and the error says how many
+    /// objects were. Choose `batch_size` for the backend: etcd refuses commits of more than its
+    /// `--max-txn-ops` (128 by default) operations, SQLite takes thousands at once.
+    pub async fn write_in_batches(
+        &self,
+        manifests: Vec<Value>,
+        default_namespace: &str,
+        mode: WriteMode,
+        batch_size: usize,
+    ) -> Result<usize, ClientError> {
+        if batch_size == 0 {
+            return Err(ClientError::Refused(
+                "batch size must be at least 1".to_owned(),
+            ));
+        }
+        let prepared = prepare_all(manifests, default_namespace)?;
+        // The dry run: everything the batches will check, on the whole input, before any write.
+        self.plan(&prepared, mode).await?;
+        let mut written = 0;
+        for batch in prepared.chunks(batch_size) {
+            match self.write_prepared(batch, mode).await {
+                Ok(stored) => written += stored.len(),
+                Err(e) if written > 0 => {
+                    return Err(ClientError::Refused(format!(
+                        "{e} (after {written} of {} objects were written in earlier batches)",
+                        prepared.len()
+                    )));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(written)
+    }
+
+    /// One atomic commit of already validated objects, re-planned when another writer wins.
+    async fn write_prepared(
+        &self,
+        prepared: &[Prepared],
+        mode: WriteMode,
+    ) -> Result<Vec<Stored>, ClientError> {
         for attempt in 1..=MAX_ATTEMPTS {
-            let mut ops = self.plan(&prepared, mode).await?;
+            let mut ops = self.plan(prepared, mode).await?;
             self.link_dataplane(&mut ops).await?;
             match self.store.commit(ops).await {
                 // Report what was asked for, not the allocation lock the registry added.
@@ -139,7 +195,7 @@ impl Client {
                 // Someone changed an object between our read and our commit, and the user did not
                 // pin a resourceVersion: read again and retry.
                 Err(Error::Conflict { key, .. })
-                    if attempt < MAX_ATTEMPTS && !pinned(&prepared, &key) =>
+                    if attempt < MAX_ATTEMPTS && !pinned(prepared, &key) =>
                 {
                     continue;
                 }
@@ -157,6 +213,48 @@ impl Client {
         ))
     }
 
+    /// What is stored now under the batch's keys. Small batches read each key; large ones list
+    /// each (kind, namespace) once, which is what makes bulk loads linear instead of one store
+    /// round trip per object.
+    async fn current_objects(
+        &self,
+        prepared: &[Prepared],
+    ) -> Result<HashMap<Key, Stored>, ClientError> {
+        let mut found = HashMap::new();
+        if prepared.len() < LIST_INSTEAD_OF_GET {
+            for p in prepared {
+                match self.store.get(&p.key).await {
+                    Ok(s) => {
+                        found.insert(p.key.clone(), s);
+                    }
+                    Err(Error::NotFound(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            return Ok(found);
+        }
+        let wanted: HashSet<&Key> = prepared.iter().map(|p| &p.key).collect();
+        let groups: HashSet<(Kind, Option<String>)> = prepared
+            .iter()
+            .map(|p| (p.key.kind, p.key.namespace.clone()))
+            .collect();
+        for (kind, namespace) in groups {
+            let listing = self
+                .store
+                .list(&ListRequest {
+                    kind: Some(kind),
+                    namespace,
+                })
+                .await?;
+            for item in listing.items {
+                if wanted.contains(&item.key) {
+                    found.insert(item.key.clone(), item);
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// Turns prepared resources into commit operations against the store as it is now.
     async fn plan(&self, prepared: &[Prepared], mode: WriteMode) -> Result<Vec<Op>, ClientError> {
         let mut ops = Vec::with_capacity(prepared.len());
@@ -171,6 +269,7 @@ impl Client {
         } else {
             None
         };
+        let mut current_objects = self.current_objects(prepared).await?;
         for p in prepared {
             if let Some(ns) = &p.key.namespace
                 && !batch_namespaces.contains(ns.as_str())
@@ -187,11 +286,7 @@ impl Client {
             if p.key.kind == Kind::IPPool {
                 self.check_pool_overlap(p, prepared).await?;
             }
-            let current = match self.store.get(&p.key).await {
-                Ok(s) => Some(s),
-                Err(Error::NotFound(_)) => None,
-                Err(e) => return Err(e.into()),
-            };
+            let current = current_objects.remove(&p.key);
             let mut value = match &current {
                 Some(current) => keep_status(p.value.clone(), &current.value),
                 None => without_resource_version(p.value.clone()),
@@ -598,6 +693,7 @@ fn prepare_all(
 ) -> Result<Vec<Prepared>, ClientError> {
     let count = manifests.len();
     let mut prepared: Vec<Prepared> = Vec::with_capacity(count);
+    let mut seen: HashSet<Key> = HashSet::with_capacity(count);
     for (i, manifest) in manifests.into_iter().enumerate() {
         let fallback = if count > 1 {
             format!("resource {} of {count}", i + 1)
@@ -613,7 +709,7 @@ fn prepare_all(
         })?;
         let key = key_of(&resource);
         let what = describe_key(&key);
-        if prepared.iter().any(|p| p.key == key) {
+        if !seen.insert(key.clone()) {
             return Err(ClientError::Refused(format!(
                 "{what} appears more than once in the input"
             )));

@@ -51,6 +51,9 @@ pub struct Allocations {
     lock: Option<Stored>,
     /// Whether this plan allocated anything new (and so must take the lock).
     allocated: bool,
+    /// Where the search for a free ClusterIP resumes (an offset in the range): a bulk write of
+    /// 50,000 Services would otherwise rescan every allocated address for each new one.
+    cluster_ip_cursor: u32,
 }
 
 impl Allocations {
@@ -353,16 +356,27 @@ impl Allocations {
         Ok(())
     }
 
-    fn next_cluster_ip(&self, what: &str) -> Result<Ipv4Addr, ClientError> {
+    fn next_cluster_ip(&mut self, what: &str) -> Result<Ipv4Addr, ClientError> {
         let range: Ipv4Net = SERVICE_CIDR.parse().unwrap_or_default();
         let base = u32::from(range.network());
         let size = 1u32 << (32 - range.prefix_len());
-        (FIRST_AUTOMATIC_OFFSET..size - 1)
-            .map(|offset| Ipv4Addr::from(base + offset))
-            .find(|ip| !self.cluster_ips.contains_key(ip))
+        let start = self
+            .cluster_ip_cursor
+            .clamp(FIRST_AUTOMATIC_OFFSET, size - 1);
+        // From the cursor to the end, then from the first automatic address to the cursor: every
+        // candidate is looked at once, so "full" is still only said when it is.
+        let offset = (start..size - 1)
+            .chain(FIRST_AUTOMATIC_OFFSET..start)
+            .find(|offset| {
+                !self
+                    .cluster_ips
+                    .contains_key(&Ipv4Addr::from(base + offset))
+            })
             .ok_or_else(|| {
                 ClientError::Refused(format!("{what}: the service range {SERVICE_CIDR} is full"))
-            })
+            })?;
+        self.cluster_ip_cursor = offset + 1;
+        Ok(Ipv4Addr::from(base + offset))
     }
 
     fn next_lb_ip(&self) -> Option<Ipv4Addr> {
