@@ -153,8 +153,8 @@ pub const SERVICE_CHAIN_PREFIXES: [&str; 6] = [
 /// Fixed chain names Margay owns in the filter and nat tables: kube-proxy's top-level chains, the
 /// kubelet-shared `KUBE-FIREWALL`, `KUBE-MARK-DROP` (created by kubelet and kube-proxy before
 /// 1.28; owned so cleanup removes it), kube-proxy's canary, Margay's helper chain for clusters with
-/// several pod CIDRs, and the natOutgoing chain.
-pub const OWNED_CHAINS: [&str; 12] = [
+/// several pod CIDRs, the natOutgoing chain, and the BPF mode's FORWARD exception.
+pub const OWNED_CHAINS: [&str; 13] = [
     "KUBE-SERVICES",
     "KUBE-EXTERNAL-SERVICES",
     "KUBE-FORWARD",
@@ -167,6 +167,7 @@ pub const OWNED_CHAINS: [&str; 12] = [
     "KUBE-PROXY-CANARY",
     crate::kube_proxy::KUBE_MARK_MASQ_OFF_CLUSTER,
     crate::nat_outgoing::NAT_OUTGOING_CHAIN,
+    crate::bpf_kept_rules::BPF_FORWARD_CHAIN,
 ];
 
 /// Whether a chain (in the filter or nat table) belongs to Margay: the driver rewrites, deletes

@@ -321,7 +321,14 @@ impl Agent {
                 .await
         } else {
             self.proxy
-                .sync(&node, &local_ips, &services, &slices, &pools)
+                .sync(
+                    &node,
+                    &local_ips,
+                    &services,
+                    &slices,
+                    &pools,
+                    active == LinuxDataplane::Bpf,
+                )
                 .await
         };
         // Back to Iptables: the rules above are in place before the programs go.

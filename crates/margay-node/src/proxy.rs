@@ -30,6 +30,9 @@ impl ProxyDataplane {
     }
 
     /// Computes the rules for the current Services and Endpoints and applies the difference.
+    /// `bpf_active`: the BPF programs serve Services and kube-proxy's rules are only kept
+    /// (`bpfKubeProxyIptablesCleanupEnabled: false`), so their INVALID drop must not see the
+    /// flows the programs NAT.
     pub async fn sync(
         &mut self,
         node: &str,
@@ -37,6 +40,7 @@ impl ProxyDataplane {
         services: &[Service],
         slices: &[EndpointSlice],
         pools: &[(Ipv4Net, bool)],
+        bpf_active: bool,
     ) -> Result<ProxySummary> {
         let context = NodeContext {
             node_name: node.to_owned(),
@@ -45,6 +49,9 @@ impl ProxyDataplane {
         };
         let mut ruleset = kube_proxy_ruleset(services, slices, &context);
         ruleset.add_nat_outgoing(pools);
+        if bpf_active {
+            ruleset.add_bpf_forward_accept();
+        }
         // iptables-restore is a blocking process; keep the runtime's other tasks (health
         // checks) running meanwhile.
         let report = tokio::task::block_in_place(|| self.driver.sync(&ruleset))?;
