@@ -30,6 +30,54 @@ pub enum Command {
     /// Connectivity-test client: prints what the server answered; exit codes classify failures
     /// (3 refused/reset, 4 timeout, 5 DNS, 1 other, 2 usage).
     Probe(ProbeArgs),
+    /// Benchmark server: answers fixed-size requests on kept-alive connections, counts streams.
+    LoadServer(LoadServerArgs),
+    /// Benchmark load generator: short or kept-alive requests, or one stream, for a fixed time;
+    /// prints rate, latency percentiles and failures as JSON.
+    Load(LoadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoadServerArgs {
+    /// TCP port to serve.
+    #[arg(long, default_value_t = 9000)]
+    pub port: u16,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind: IpAddr,
+    /// Name at the start of each answer [default: the host name].
+    #[arg(long, env = "POD_NAME")]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoadMode {
+    /// A new connection per request: connect, request, answer, close.
+    Short,
+    /// Requests back to back on long-lived connections.
+    Keepalive,
+    /// One connection sending as fast as it can (throughput).
+    Stream,
+}
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// IP:PORT of a load-server (or of a Service in front of one).
+    pub target: SocketAddr,
+    #[arg(long, value_enum, default_value = "short")]
+    pub mode: LoadMode,
+    /// How long to run (with --until: how long to wait at most).
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Concurrent connections (short, keepalive).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub connections: u64,
+    /// Limit of each connect and each request.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Short requests one at a time until this backend answers; prints when it did.
+    #[arg(long, value_name = "NAME")]
+    pub until: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -1,6 +1,6 @@
 //! The workloads that run inside Margay's lab pods.
 //!
-//! One binary, `margay-demo-app`, five subcommands:
+//! One binary, `margay-demo-app`, seven subcommands:
 //!
 //! - `database`, `summary`, `customer`: the yaobank demo of the Calico labs. `customer` serves the
 //!   "YAO Bank" page, asking `summary`, which asks `database` (a read-only subset of etcd's v2
@@ -11,6 +11,7 @@
 //!   every peer with `<peer-ip>:<peer-port> <pod-name>`.
 //! - `probe`: the client for `echo`, with exit codes that tell refused/reset, timeout and DNS
 //!   failures apart, for the lab's connectivity matrix.
+//! - `load-server` and `load`: the benchmark's server and load generator (`margay-lab bench`).
 //!
 //! Everything a person or a test reads is on stdout (access lines, probe answers); diagnostics
 //! and the startup banner (` * Running on http://ADDR/`, as werkzeug prints) go to stderr.
@@ -22,6 +23,7 @@ pub mod echo;
 pub mod failure;
 pub mod http_client;
 pub mod identity;
+pub mod load;
 pub mod net;
 pub mod probe;
 pub mod server;
@@ -51,6 +53,8 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Summary(args) => report(yaobank::summary::run(args).await),
             Command::Customer(args) => report(yaobank::customer::run(args).await),
             Command::Echo(args) => report(echo::run(args).await),
+            Command::LoadServer(args) => report(load::serve(args).await),
+            Command::Load(args) => report(load::run(args).await),
         }
     });
     // A name lookup that timed out may still hold a blocking thread: don't wait for it.

@@ -59,6 +59,7 @@ mod pods;
 pub mod probe;
 mod process;
 mod procs;
+pub mod scale;
 mod state;
 mod status;
 mod topology;

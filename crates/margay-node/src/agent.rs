@@ -91,6 +91,10 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let mut updates = margay_datastore::sync::sync(store, KINDS.to_vec());
     let mut in_sync = false;
     let mut dirty = false;
+    // Between a commit's first change and the Progress after its last one: programming then
+    // would apply half a commit and, with a large commit (a bulk load of thousands of Services),
+    // spend the time in repeated full calculations while the rest of the commit waits.
+    let mut mid_commit = false;
     let mut last_sync: Option<Instant> = None;
     loop {
         let min_period = agent
@@ -122,12 +126,15 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                     SyncUpdate::Upsert(stored) => {
                         agent.cache.upsert(stored);
                         dirty = true;
+                        mid_commit = true;
                     }
                     SyncUpdate::Remove(key) => {
                         agent.cache.remove(&key);
                         dirty = true;
+                        mid_commit = true;
                     }
                     SyncUpdate::Progress(revision) => {
+                        mid_commit = false;
                         agent.cache.revision = revision;
                         // Nothing waiting to be programmed: the dataplane already reflects it.
                         if !dirty && in_sync {
@@ -136,7 +143,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                     }
                 }
             }
-            _ = tokio::time::sleep_until(due.into()), if dirty && in_sync => {
+            _ = tokio::time::sleep_until(due.into()), if dirty && in_sync && !mid_commit => {
                 dirty = false;
                 last_sync = Some(Instant::now());
                 agent.sync_dataplane().await;
