@@ -23,6 +23,12 @@ pub use loader::{
     TcRun, TcRunContext,
 };
 
+/// Where the agent keeps its bpffs by default (`margay-node --bpffs-dir`); tools read the same.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/margay";
+
+/// The directory under the agent's bpffs that holds the pinned maps ([`maps::Maps::open`]).
+pub const MAPS_SUBDIR: &str = "maps";
+
 /// Errors of this crate. aya's errors are boxed: they are large and this is not a hot path.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -188,6 +188,13 @@ pub enum NodeCommand {
         /// The node.
         node: String,
     },
+    /// Kill a node's agent with SIGKILL, as a crash would, and start a new one. Its BPF maps and
+    /// links stay pinned in the node's bpffs (`<state dir>/bpf/<node>`): flows go on while it is
+    /// down and the new agent adopts them.
+    RestartAgent {
+        /// The node.
+        node: String,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -326,6 +326,33 @@ impl Lab {
         })
     }
 
+    /// Kills a recorded process of this lab with SIGKILL at once (no SIGTERM, only the process,
+    /// not its group), as a crash would, waits until it is gone and drops its record.
+    pub fn kill_hard(&self, pid: u32) -> Result<()> {
+        let state = self.store.load()?;
+        let Some(record) = state.processes.iter().find(|r| r.pid == pid) else {
+            return Err(Error::Missing {
+                lab: self.name.clone(),
+                what: "process",
+                name: pid.to_string(),
+                hint: " (only processes the lab started can be killed this way)".to_owned(),
+            });
+        };
+        if procs::is_alive(pid, record.start_time) {
+            procs::signal(pid, Signal::KILL);
+            if !procs::wait_gone(&[(pid, record.start_time)], Duration::from_secs(5)) {
+                return Err(Error::Timeout(format!(
+                    "process {pid} ({}) did not end after SIGKILL",
+                    record.name
+                )));
+            }
+        }
+        self.store.update(|s| {
+            s.processes.retain(|r| r.pid != pid);
+            Ok(())
+        })
+    }
+
     /// The recorded processes, with whether each still runs.
     pub fn processes(&self) -> Result<Vec<ProcessStatus>> {
         Ok(self

@@ -302,7 +302,9 @@ impl Agent {
                             .filter(|(name, _)| **name != node)
                             .map(|(name, p)| (name.clone(), p.ip))
                             .collect();
-                        bpf.sync(&node, &local_ips, peers, &cidrs, &services, &slices, &felix)
+                        bpf.sync(
+                            &node, &local_ips, peers, &cidrs, &blocks, &services, &slices, &felix,
+                        )
                     }) {
                         Ok(summary) => {
                             active = LinuxDataplane::Bpf;
@@ -420,6 +422,9 @@ impl Agent {
                     "lastSyncTime": now,
                     "lastSyncDurationMs": (ms * 1000.0).round() / 1000.0,
                     "agentVersion": margay_api::VERSION,
+                    // Where this node's maps are pinned, for `margayctl bpf ... --node NAME`.
+                    "bpffsDir": (active == LinuxDataplane::Bpf)
+                        .then(|| self.config.bpffs_dir.to_string_lossy().into_owned()),
                 }
             });
             match crate::node::update_status(&self.client, &node, strip_nulls(status)).await {

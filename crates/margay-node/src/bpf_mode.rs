@@ -6,7 +6,7 @@
 //! Pins make it restart-proof: a restarted agent adopts the maps (with their conntrack) and the
 //! pinned links, so established flows go on while the agent is down.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -16,6 +16,10 @@ use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use margay_api::calico::FelixConfigurationSpec;
+use margay_bpf::maps::RouteValue;
+use margay_bpf::maps::routes::{
+    RT_IN_POOL, RT_LOCAL_HOST, RT_LOCAL_WL, RT_REMOTE_HOST, RT_REMOTE_WL,
+};
 use margay_bpf::{CgroupProgram, Config, Dataplane, TcMode, TcProgram};
 use margay_calc::NodeContext;
 use margay_dataplane::bpf::{BpfNatDriver, Timeouts, map_sizes};
@@ -24,13 +28,15 @@ use margay_dataplane::bpf::{BpfNatDriver, Timeouts, map_sizes};
 const CONNTRACK_SCAN: Duration = Duration::from_secs(10);
 
 /// Where the agent pins by default.
-pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/margay";
+pub const DEFAULT_BPFFS_DIR: &str = margay_bpf::DEFAULT_BPFFS_DIR;
 
 pub struct BpfDataplane {
     dp: Dataplane,
     driver: BpfNatDriver,
     pin_dir: PathBuf,
     attached: BTreeSet<(String, &'static str)>,
+    /// What `mg_routes` holds (adopted from the pin at start, then kept by difference).
+    routes: BTreeMap<Ipv4Net, RouteValue>,
     last_scan: Instant,
 }
 
@@ -89,7 +95,7 @@ impl BpfDataplane {
         // martians.
         std::fs::write("/proc/sys/net/ipv4/conf/all/accept_local", "1")
             .context("cannot set net.ipv4.conf.all.accept_local")?;
-        let pin_dir = bpffs.join("maps");
+        let pin_dir = bpffs.join(margay_bpf::MAPS_SUBDIR);
         let mut config = Config::new(&pin_dir);
         config.sizes = map_sizes(felix);
         config.ctlb_udp = matches!(
@@ -121,11 +127,25 @@ impl BpfDataplane {
             tracing::info!(cgroup = %cgroup.display(), "connect-time load balancing attached");
         }
         let driver = BpfNatDriver::new(dp.maps()?).context("cannot open the NAT maps")?;
+        let routes: BTreeMap<Ipv4Net, RouteValue> =
+            driver.maps().routes.entries()?.into_iter().collect();
+        let adopted = driver.adopted();
+        if adopted.frontends + adopted.backends + routes.len() > 0 {
+            // A restart: the maps were pinned by the previous agent and keep serving; only
+            // differences will be written.
+            tracing::info!(
+                frontends = adopted.frontends,
+                backends = adopted.backends,
+                routes = routes.len(),
+                "adopted pinned BPF maps"
+            );
+        }
         Ok(BpfDataplane {
             dp,
             driver,
             pin_dir: bpffs.to_owned(),
             attached: BTreeSet::new(),
+            routes,
             last_scan: Instant::now(),
         })
     }
@@ -140,8 +160,9 @@ impl BpfDataplane {
         &mut self,
         node: &str,
         node_ips: &[Ipv4Addr],
-        peers: std::collections::BTreeMap<String, Ipv4Addr>,
+        peers: BTreeMap<String, Ipv4Addr>,
         pools: &[Ipv4Net],
+        blocks: &BTreeMap<Ipv4Net, String>,
         services: &[Service],
         slices: &[EndpointSlice],
         felix: &FelixConfigurationSpec,
@@ -184,6 +205,8 @@ impl BpfDataplane {
             self.driver
                 .set_node_config(&margay_bpf::maps::NodeConfig::new(*ip, mode))?;
         }
+        let routes = desired_routes(node, node_ips, &peers, pools, blocks, &local_workloads()?);
+        let route_changes = self.write_routes(routes)?;
         self.driver.set_peer_nodes(peers);
         let context = NodeContext {
             node_name: node.to_owned(),
@@ -191,7 +214,11 @@ impl BpfDataplane {
             cluster_cidrs: pools.to_vec(),
         };
         let report = self.driver.sync(services, slices, &context)?;
-        let mut summary = format!("{} programs attached; NAT {report:?}", self.attached.len());
+        let mut summary = format!(
+            "{} programs attached; {} routes ({route_changes} written or removed); NAT {report:?}",
+            self.attached.len(),
+            self.routes.len()
+        );
         if self.last_scan.elapsed() >= CONNTRACK_SCAN {
             self.last_scan = Instant::now();
             let cleaned = self
@@ -200,6 +227,27 @@ impl BpfDataplane {
             summary.push_str(&format!("; conntrack cleanup {cleaned:?}"));
         }
         Ok(summary)
+    }
+
+    /// Makes `mg_routes` hold `desired`, writing only the difference; returns how many entries
+    /// were written or removed.
+    fn write_routes(&mut self, desired: BTreeMap<Ipv4Net, RouteValue>) -> Result<usize> {
+        let map = &mut self.driver.maps_mut().routes;
+        let mut changes = 0;
+        for (net, value) in &desired {
+            if self.routes.get(net) != Some(value) {
+                map.insert(*net, value)?;
+                changes += 1;
+            }
+        }
+        for net in self.routes.keys() {
+            if !desired.contains_key(net) {
+                map.remove(*net)?;
+                changes += 1;
+            }
+        }
+        self.routes = desired;
+        Ok(changes)
     }
 
     /// Detaches everything: unpinning the links detaches the programs; the maps go with their
@@ -254,6 +302,88 @@ fn own_cgroup(bpffs: &Path) -> Result<PathBuf> {
         bail!("cgroup {} does not exist", dir.display());
     }
     Ok(dir)
+}
+
+/// What `mg_routes` should hold, as Calico's route map: the IP pools (in-pool), other nodes'
+/// pod blocks (remote workloads, next hop the block's node), this node's pods (a /32 per pod
+/// with its host-side veth), this node's and the other nodes' addresses.
+fn desired_routes(
+    node: &str,
+    node_ips: &[Ipv4Addr],
+    peers: &BTreeMap<String, Ipv4Addr>,
+    pools: &[Ipv4Net],
+    blocks: &BTreeMap<Ipv4Net, String>,
+    local_workloads: &[(Ipv4Addr, u32)],
+) -> BTreeMap<Ipv4Net, RouteValue> {
+    let in_pool = |net: &Ipv4Net| {
+        if pools.iter().any(|p| p.contains(net)) {
+            RT_IN_POOL
+        } else {
+            0
+        }
+    };
+    let route = |flags, ifindex, next_hop: Option<Ipv4Addr>| RouteValue {
+        flags,
+        ifindex,
+        next_hop: next_hop.map_or(0, margay_bpf::maps::be_addr),
+        pad: 0,
+    };
+    let mut out = BTreeMap::new();
+    for pool in pools {
+        out.insert(pool.trunc(), route(RT_IN_POOL, 0, None));
+    }
+    for (block, owner) in blocks {
+        if owner == node {
+            continue;
+        }
+        if let Some(ip) = peers.get(owner) {
+            out.insert(
+                block.trunc(),
+                route(RT_REMOTE_WL | in_pool(block), 0, Some(*ip)),
+            );
+        }
+    }
+    for (ip, ifindex) in local_workloads {
+        let net = Ipv4Net::from(*ip);
+        out.insert(net, route(RT_LOCAL_WL | in_pool(&net), *ifindex, None));
+    }
+    for ip in peers.values() {
+        out.insert(Ipv4Net::from(*ip), route(RT_REMOTE_HOST, 0, Some(*ip)));
+    }
+    for ip in node_ips {
+        out.insert(Ipv4Net::from(*ip), route(RT_LOCAL_HOST, 0, None));
+    }
+    out
+}
+
+/// This node's pods: the /32 routes through a `cali*` veth (what the CNI plugin writes), with
+/// the veth's ifindex.
+fn local_workloads() -> Result<Vec<(Ipv4Addr, u32)>> {
+    let out = std::process::Command::new("ip")
+        .args(["-j", "-4", "route", "show", "table", "main"])
+        .output()
+        .context("cannot run ip route")?;
+    let routes: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let links = std::process::Command::new("ip")
+        .args(["-j", "link", "show"])
+        .output()
+        .context("cannot run ip link")?;
+    let links: Vec<serde_json::Value> = serde_json::from_slice(&links.stdout).unwrap_or_default();
+    let ifindex = |dev: &str| {
+        links
+            .iter()
+            .find(|l| l["ifname"] == dev)
+            .and_then(|l| l["ifindex"].as_u64())
+            .and_then(|i| u32::try_from(i).ok())
+    };
+    Ok(routes
+        .iter()
+        .filter_map(|r| {
+            let dev = r["dev"].as_str().filter(|d| d.starts_with("cali"))?;
+            let ip: Ipv4Addr = r["dst"].as_str()?.parse().ok()?;
+            Some((ip, ifindex(dev)?))
+        })
+        .collect())
 }
 
 /// The names of this namespace's interfaces.

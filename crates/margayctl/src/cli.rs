@@ -49,6 +49,46 @@ pub enum Command {
     /// Node commands: `node status [NODE]`.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Inspect a node's BPF dataplane from its pinned maps, as `calico-node -bpf` does:
+    /// `bpf nat dump`, `bpf conntrack dump`, `bpf routes dump`, `bpf counters`.
+    #[command(subcommand)]
+    Bpf(BpfCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BpfCommand {
+    /// Service frontends with their backends (and session-affinity entries).
+    #[command(subcommand)]
+    Nat(BpfDump),
+    /// Conntrack entries: tuple, NAT, state, age.
+    #[command(subcommand)]
+    Conntrack(BpfDump),
+    /// The route map: pools, pod blocks, local pods, hosts.
+    #[command(subcommand)]
+    Routes(BpfDump),
+    /// Packet counters by reason (drops and events), summed over CPUs.
+    Counters(BpfTarget),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BpfDump {
+    /// Print every entry, one line each.
+    Dump(BpfTarget),
+}
+
+/// Which maps to read and how to print them.
+#[derive(Debug, Args)]
+pub struct BpfTarget {
+    /// The agent's bpffs directory (its maps are in `<DIR>/maps`); default as margay-node's.
+    #[arg(long, value_name = "DIR", conflicts_with = "node")]
+    pub bpffs_dir: Option<std::path::PathBuf>,
+    /// Read the maps of this node (the directory its agent reports in its Node status): for a
+    /// lab, whose nodes share this machine, or on the node itself.
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    /// Output: text (default, one line per entry) or json.
+    #[arg(short = 'o', long, default_value = "text")]
+    pub output: String,
 }
 
 #[derive(Debug, Args)]

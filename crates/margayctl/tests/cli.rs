@@ -841,3 +841,49 @@ spec: {bpfLogLevel: "", bpfEnabled: false}
         "{err}"
     );
 }
+
+#[test]
+fn bpf_dumps_without_pinned_maps_or_bpf_mode_fail_with_a_clear_line() {
+    let env = Env::new();
+    let empty = tempfile::tempdir().expect("tempdir");
+    let dir = empty.path().to_string_lossy().into_owned();
+    for view in [
+        vec!["bpf", "nat", "dump"],
+        vec!["bpf", "conntrack", "dump"],
+        vec!["bpf", "routes", "dump"],
+        vec!["bpf", "counters"],
+    ] {
+        let mut args = view.clone();
+        args.extend(["--bpffs-dir", dir.as_str()]);
+        let err = env.fails(&args, None);
+        assert_eq!(
+            err,
+            format!(
+                "Error: no BPF maps are pinned in {dir}/maps: the agent here does not run the BPF dataplane (margayctl node status shows each node's), or it pins elsewhere (--bpffs-dir, --node)"
+            ),
+            "{view:?}"
+        );
+    }
+    let err = env.fails(
+        &["bpf", "nat", "dump", "--bpffs-dir", &dir, "-o", "yaml"],
+        None,
+    );
+    assert_eq!(
+        err,
+        "Error: unknown output format \"yaml\"; use text or json"
+    );
+    // A node whose agent runs Iptables has no maps to show.
+    env.ok_stdin(
+        &["apply", "-f", "-"],
+        r#"{"apiVersion": "projectcalico.org/v3", "kind": "Node", "metadata": {"name": "n1"},
+            "spec": {"bgp": {"ipv4Address": "10.0.0.1/24"}},
+            "status": {"dataplane": {"requested": "Iptables", "active": "Iptables"}}}"#,
+    );
+    let err = env.fails(&["bpf", "nat", "dump", "--node", "n1"], None);
+    assert_eq!(
+        err,
+        "Error: node n1 runs the Iptables dataplane, not BPF: it has no BPF maps (margayctl node status n1 says why)"
+    );
+    let err = env.fails(&["bpf", "conntrack", "dump", "--node", "nope"], None);
+    assert!(err.contains("nope"), "{err}");
+}

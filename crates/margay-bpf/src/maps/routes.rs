@@ -78,6 +78,22 @@ impl Routes {
         ignore_missing(self.map.remove(&key(net)), names::ROUTES)
     }
 
+    /// Every route, as (prefix, value), in the map's order (for dumps).
+    pub fn entries(&self) -> Result<Vec<(Ipv4Net, RouteValue)>, Error> {
+        self.map
+            .iter()
+            .map(|r| {
+                r.map(|(k, v)| {
+                    let len = u8::try_from(k.prefix_len()).unwrap_or(32).min(32);
+                    let net = Ipv4Net::new(addr_of(k.data()), len)
+                        .unwrap_or_else(|_| Ipv4Net::from(addr_of(k.data())));
+                    (net, v)
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::ROUTES))
+    }
+
     /// Longest-prefix lookup of one address.
     pub fn lookup(&self, addr: Ipv4Addr) -> Result<Option<RouteValue>, Error> {
         found(self.map.get(&Key::new(32, be_addr(addr)), 0), names::ROUTES)

@@ -1,4 +1,4 @@
-//! `margay-lab node exec|add|delete`.
+//! `margay-lab node exec|add|delete|restart-agent`.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -39,10 +39,34 @@ pub fn run(name: &str, command: NodeCommand) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        NodeCommand::RestartAgent { node } => {
+            super::require_root("node restart-agent")?;
+            lab.node(&node)?;
+            if infrastructure_only(&lab)? {
+                anyhow::bail!("the lab was built with --infrastructure-only: it has no agents");
+            }
+            let started = Instant::now();
+            let (old, new) = super::runtime()?.block_on(async {
+                let cluster = margay_lab::controller::Cluster::open(name).await?;
+                let pids = margay_lab::controller::agents::restart_after_crash(
+                    &lab,
+                    &node,
+                    &cluster.datastore_url,
+                )?;
+                cluster.converge().await?;
+                anyhow::Ok(pids)
+            })?;
+            println!(
+                "agent of {node} killed (pid {old}, SIGKILL) and restarted (pid {new}), in sync after {:.1} ms",
+                started.elapsed().as_secs_f64() * 1000.0
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         NodeCommand::Delete { node } => {
             super::require_root("node delete")?;
             let started = Instant::now();
             lab.delete_node(&node)?;
+            margay_lab::controller::agents::remove_bpffs(&lab, &node)?;
             if !infrastructure_only(&lab)? {
                 super::runtime()?.block_on(async {
                     let cluster = margay_lab::controller::Cluster::open(name).await?;

@@ -2,7 +2,7 @@
 //! the lab's datastore, each writing its status to a file the lab reads to know when every node
 //! has programmed a change.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::{Lab, SpawnOptions, Target};
@@ -23,6 +23,13 @@ pub fn start(lab: &Lab, node: &str, datastore: &str) -> Result<u32> {
     std::fs::create_dir_all(lab.state_dir().join("agents"))?;
     let status = status_file(lab, node);
     let _ = std::fs::remove_file(&status);
+    // The node's bpffs is mounted here, in the lab's (the host's) mount namespace, before the
+    // agent starts: `ip netns exec` gives the agent a mount namespace of its own, and a bpffs
+    // the agent mounted there would vanish with it, unpinning every map and link when the agent
+    // dies. Mounted here, the pins outlive the agent (a restarted agent adopts them, flows go
+    // on) and tools on the host (`margayctl bpf ... --node`) see them.
+    let bpffs = bpffs_dir(lab, node);
+    ensure_bpffs(&bpffs)?;
     let binary = find_binary("margay-node");
     let argv: Vec<String> = vec![
         binary.to_string_lossy().into_owned(),
@@ -66,6 +73,86 @@ pub fn start(lab: &Lab, node: &str, datastore: &str) -> Result<u32> {
 /// state directory (`down` unmounts it).
 pub fn bpffs_dir(lab: &Lab, node: &str) -> PathBuf {
     lab.state_dir().join("bpf").join(node)
+}
+
+/// Mounts a bpffs at `dir` unless one is mounted there already.
+fn ensure_bpffs(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    if is_bpffs_mount(dir) {
+        return Ok(());
+    }
+    let out = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(dir)
+        .output()
+        .context("cannot run mount")?;
+    if !out.status.success() {
+        bail!(
+            "cannot mount a bpffs at {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn is_bpffs_mount(dir: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, at, kind) = (f.next(), f.next(), f.next());
+        kind == Some("bpf") && at.map(Path::new) == Some(dir)
+    })
+}
+
+/// Unmounts a deleted node's bpffs (which unpins its maps and links) and removes the
+/// directory. `down` does the same for every node through the state directory's mounts.
+pub fn remove_bpffs(lab: &Lab, node: &str) -> Result<()> {
+    let dir = bpffs_dir(lab, node);
+    if is_bpffs_mount(&dir) {
+        let out = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&dir)
+            .output()
+            .context("cannot run umount")?;
+        if !out.status.success() {
+            bail!(
+                "cannot unmount {}: {}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    match std::fs::remove_dir(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("cannot remove {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The pid of `node`'s running agent, if it runs.
+pub fn running_agent(lab: &Lab, node: &str) -> Result<Option<u32>> {
+    Ok(lab
+        .processes()?
+        .into_iter()
+        .find(|p| {
+            p.alive && p.record.name == "margay-node" && p.record.target == Target::node(node)
+        })
+        .map(|p| p.record.pid))
+}
+
+/// Kills `node`'s agent with SIGKILL (a crash: no cleanup, nothing flushed) and starts a new
+/// one against `datastore`. The BPF maps and links stay pinned in the node's bpffs meanwhile,
+/// so flows go on; the new agent adopts them. Returns (old pid, new pid).
+pub fn restart_after_crash(lab: &Lab, node: &str, datastore: &str) -> Result<(u32, u32)> {
+    let Some(old) = running_agent(lab, node)? else {
+        bail!("the agent of {node} is not running");
+    };
+    lab.kill_hard(old)
+        .with_context(|| format!("cannot kill the agent of {node}"))?;
+    let new = start(lab, node, datastore)?;
+    Ok((old, new))
 }
 
 /// An agent's last status, if it wrote one.

@@ -1,5 +1,6 @@
 //! One file per verb; `run` opens the datastore and dispatches.
 
+mod bpf;
 mod delete;
 mod get;
 mod label;
@@ -15,14 +16,11 @@ use margay_datastore::Client;
 use crate::cli::{Cli, Command};
 
 pub async fn run(cli: Cli) -> Result<()> {
-    // --datastore / MARGAY_DATASTORE, else calicoctl's DATASTORE_TYPE=etcdv3 + ETCD_ENDPOINTS,
-    // else the local SQLite file.
-    let url = margay_datastore::open::datastore_url(cli.datastore.as_deref())?;
-    let store = margay_datastore::open(&url)
-        .await
-        .with_context(|| format!("cannot open the datastore {url}"))?;
-    let client = Client::new(store);
-    client.bootstrap().await?;
+    // The BPF dumps read pinned maps, and open the datastore only for `--node`.
+    if let Command::Bpf(command) = cli.command {
+        return bpf::run(cli.datastore.as_deref(), command).await;
+    }
+    let client = open_client(cli.datastore.as_deref()).await?;
     let namespace = cli.namespace.as_deref();
     match cli.command {
         Command::Create(args) => write::run(&client, args, namespace, write::Verb::Create).await,
@@ -34,7 +32,20 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Label(args) => label::run(&client, args, namespace).await,
         Command::Version => version::run(&client).await,
         Command::Node(command) => node::run(&client, command).await,
+        Command::Bpf(command) => bpf::run(cli.datastore.as_deref(), command).await,
     }
+}
+
+/// Opens the datastore: --datastore / MARGAY_DATASTORE, else calicoctl's DATASTORE_TYPE=etcdv3
+/// + ETCD_ENDPOINTS, else the local SQLite file.
+pub async fn open_client(datastore: Option<&str>) -> Result<Client> {
+    let url = margay_datastore::open::datastore_url(datastore)?;
+    let store = margay_datastore::open(&url)
+        .await
+        .with_context(|| format!("cannot open the datastore {url}"))?;
+    let client = Client::new(store);
+    client.bootstrap().await?;
+    Ok(client)
 }
 
 /// Parses a kind as typed on the command line.
