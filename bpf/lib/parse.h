@@ -35,7 +35,7 @@ struct mg_pkt {
 	__be32 daddr;	/* be */
 	__be16 sport;	/* be */
 	__be16 dport;	/* be */
-	__u8 proto;	/* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 proto;	/* IPPROTO_TCP or IPPROTO_UDP (IPPROTO_ICMP for MG_PARSE_ICMP) */
 	__u8 tcp_flags; /* raw TCP flags byte (MG_TCPF_*), 0 for UDP */
 	__u8 pad[2];
 };
@@ -44,7 +44,33 @@ enum mg_parse_result {
 	MG_PARSE_OK = 0,   /* an unfragmented IPv4 TCP or UDP packet: p is filled in */
 	MG_PARSE_PASS = 1, /* not ours (not IPv4, other protocol, fragment): leave it alone */
 	MG_PARSE_DROP = 2, /* malformed: drop and count MG_DROP_SHORT */
+	MG_PARSE_ICMP = 3, /* an unfragmented ICMP packet: p has the addresses and offsets only */
 };
+
+/*
+ * skb->data and skb->data_end, loaded straight from the context register. Plain C lets clang keep
+ * `&skb->data` (ctx + 76) in a register or on the stack across the program, and the verifier
+ * refuses a load through a modified context pointer; the asm pins the load to `ctx + offset`.
+ */
+static __always_inline void *mg_data(const struct __sk_buff *skb)
+{
+	void *d;
+
+	asm volatile("%0 = *(u32 *)(%1 + %2)"
+		     : "=r"(d)
+		     : "r"(skb), "i"(__builtin_offsetof(struct __sk_buff, data)));
+	return d;
+}
+
+static __always_inline void *mg_data_end(const struct __sk_buff *skb)
+{
+	void *d;
+
+	asm volatile("%0 = *(u32 *)(%1 + %2)"
+		     : "=r"(d)
+		     : "r"(skb), "i"(__builtin_offsetof(struct __sk_buff, data_end)));
+	return d;
+}
 
 /* Headers we need in the linear area: Ethernet + the largest IPv4 header + the TCP header up to
  * and including its checksum. */
@@ -52,8 +78,8 @@ enum mg_parse_result {
 
 static __always_inline int mg_parse_ipv4(struct __sk_buff *skb, struct mg_pkt *p)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
+	void *data = mg_data(skb);
+	void *data_end = mg_data_end(skb);
 	struct ethhdr *eth = data;
 	struct iphdr *ip;
 	__u32 ihl_len;
@@ -70,20 +96,29 @@ static __always_inline int mg_parse_ipv4(struct __sk_buff *skb, struct mg_pkt *p
 		if (bpf_skb_pull_data(skb,
 				      MG_PARSE_PULL_LEN < skb->len ? MG_PARSE_PULL_LEN : skb->len))
 			return MG_PARSE_DROP;
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
+		data = mg_data(skb);
+		data_end = mg_data_end(skb);
 		ip = data + ETH_HLEN;
 		if ((void *)(ip + 1) > data_end)
 			return MG_PARSE_DROP;
 	}
 	if (ip->ihl < 5 || ip->version != 4)
 		return MG_PARSE_DROP;
-	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
-		return MG_PARSE_PASS;
 	if (ip->frag_off & bpf_htons(MG_IP_MF | MG_IP_OFFSET))
 		return MG_PARSE_PASS;
-
 	ihl_len = ip->ihl * 4;
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP) {
+		/* ICMP may be an error about one of our flows (lib/icmp.h); the caller decides. */
+		if (ip->protocol != IPPROTO_ICMP)
+			return MG_PARSE_PASS;
+		p->l3_off = ETH_HLEN;
+		p->l4_off = ETH_HLEN + ihl_len;
+		p->saddr = ip->saddr;
+		p->daddr = ip->daddr;
+		p->proto = IPPROTO_ICMP;
+		return MG_PARSE_ICMP;
+	}
+
 	l4_min = ip->protocol == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
 	p->l3_off = ETH_HLEN;
 	p->l4_off = ETH_HLEN + ihl_len;
@@ -95,8 +130,8 @@ static __always_inline int mg_parse_ipv4(struct __sk_buff *skb, struct mg_pkt *p
 		if (bpf_skb_pull_data(skb,
 				      MG_PARSE_PULL_LEN < skb->len ? MG_PARSE_PULL_LEN : skb->len))
 			return MG_PARSE_DROP;
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
+		data = mg_data(skb);
+		data_end = mg_data_end(skb);
 	}
 	if (p->proto == IPPROTO_TCP) {
 		struct tcphdr *tcp = data + p->l4_off;

@@ -2,8 +2,8 @@
 /*
  * Rejecting a new flow to a frontend without endpoints as kube-proxy's REJECT rules do: a TCP
  * segment is answered with a RST, sent back out of the interface it came in on, so the client
- * gets "connection refused" at once instead of retrying into a black hole.
- * (UDP's ICMP port unreachable needs a larger packet: not yet.)
+ * gets "connection refused" at once instead of retrying into a black hole; a UDP datagram is
+ * answered with ICMP port unreachable, which the client's socket reports as ECONNREFUSED.
  *
  * A packet too big for the tunnel (with DF) is answered with ICMP "fragmentation needed"
  * (RFC 1191), so that its sender lowers its path MTU instead of retrying into a black hole.
@@ -118,9 +118,10 @@ static __always_inline int mg_reject_tcp(struct __sk_buff *skb, const struct mg_
 	return bpf_redirect(skb->ifindex, 0);
 }
 
-/* ICMP "fragmentation needed" as built here: IPv4, ICMP, and the quoted packet's IPv4 header
- * (without options) and first 8 bytes of its payload (RFC 792). */
-struct mg_icmp_too_big {
+/* An ICMP error as built here: IPv4, ICMP, and the quoted packet's IPv4 header (without
+ * options) and first 8 bytes of its payload (RFC 792). `mtu` is 0 but for "fragmentation
+ * needed" (RFC 1191). */
+struct mg_icmp_answer {
 	struct iphdr ip;
 	__u8 type;
 	__u8 code;
@@ -130,21 +131,23 @@ struct mg_icmp_too_big {
 	__u8 quote[sizeof(struct iphdr) + 8];
 } __attribute__((packed, aligned(4)));
 
-#define MG_ICMP_TOO_BIG_LEN   ((__u32)sizeof(struct mg_icmp_too_big))
+#define MG_ICMP_ANSWER_LEN    ((__u32)sizeof(struct mg_icmp_answer))
 #define MG_IP_TOS_INETCONTROL 0xc0
 #define MG_ICMP_DEST_UNREACH  3 /* <linux/icmp.h> pulls in libc headers */
+#define MG_ICMP_PORT_UNREACH  3
 #define MG_ICMP_FRAG_NEEDED   4
 
 /*
- * Answers the packet described by `p`, which will not fit a path of `mtu` bytes, with ICMP
- * "fragmentation needed" from `src`, back out of the interface it came in on (MACs swapped). A
- * packet without DF, or with IPv4 options, is only dropped. Counts MG_DROP_TOO_BIG either way.
- * Returns a TC verdict.
+ * Turns the packet described by `p` (an IPv4 header without options at ETH_HLEN) into the ICMP
+ * "destination unreachable" with `code` (and `mtu` for "fragmentation needed") that answers it,
+ * from `src` to its sender, quoting its IPv4 header and first 8 payload bytes as it arrived, and
+ * sends it back out of the interface it came in on (MACs swapped). Returns a TC verdict
+ * (TC_ACT_REDIRECT, or TC_ACT_SHOT when the packet cannot be rewritten).
  */
-static __always_inline int mg_icmp_too_big(struct __sk_buff *skb, const struct mg_pkt *p,
-					   __be32 src, __u16 mtu)
+static __always_inline int mg_icmp_answer(struct __sk_buff *skb, const struct mg_pkt *p, __be32 src,
+					  __u8 code, __u16 mtu)
 {
-	struct mg_icmp_too_big m = {};
+	struct mg_icmp_answer m = {};
 	struct iphdr ip = {};
 	const __u16 *w;
 	struct ethhdr *eth;
@@ -153,17 +156,14 @@ static __always_inline int mg_icmp_too_big(struct __sk_buff *skb, const struct m
 	__u32 sum = 0;
 
 	if (p->l4_off != ETH_HLEN + sizeof(struct iphdr))
-		return mg_drop(MG_DROP_TOO_BIG);
+		return TC_ACT_SHOT;
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, m.quote, sizeof(m.quote)))
-		return mg_drop(MG_DROP_TOO_BIG);
-	if (!(m.quote[6] & (MG_IP_DF_BIT >> 8)))
-		return mg_drop(MG_DROP_TOO_BIG);
-	mg_count(MG_DROP_TOO_BIG);
+		return TC_ACT_SHOT;
 
 	ip.version = 4;
 	ip.ihl = 5;
 	ip.tos = MG_IP_TOS_INETCONTROL;
-	ip.tot_len = bpf_htons(MG_ICMP_TOO_BIG_LEN);
+	ip.tot_len = bpf_htons(MG_ICMP_ANSWER_LEN);
 	ip.ttl = 64;
 	ip.protocol = IPPROTO_ICMP;
 	ip.saddr = src;
@@ -171,15 +171,15 @@ static __always_inline int mg_icmp_too_big(struct __sk_buff *skb, const struct m
 	ip.check = mg_ip_hdr_csum(&ip);
 	m.ip = ip;
 	m.type = MG_ICMP_DEST_UNREACH;
-	m.code = MG_ICMP_FRAG_NEEDED;
+	m.code = code;
 	m.mtu = bpf_htons(mtu);
 	w = (const __u16 *)((const __u8 *)&m + sizeof(struct iphdr));
 #pragma unroll
-	for (int i = 0; i < (int)((MG_ICMP_TOO_BIG_LEN - sizeof(struct iphdr)) / 2); i++)
+	for (int i = 0; i < (int)((MG_ICMP_ANSWER_LEN - sizeof(struct iphdr)) / 2); i++)
 		sum += w[i];
 	m.check = (__u16)~mg_csum_fold(sum);
 
-	if (bpf_skb_change_tail(skb, ETH_HLEN + MG_ICMP_TOO_BIG_LEN, 0))
+	if (bpf_skb_change_tail(skb, ETH_HLEN + MG_ICMP_ANSWER_LEN, 0))
 		return TC_ACT_SHOT;
 	if (bpf_skb_store_bytes(skb, ETH_HLEN, &m, sizeof(m), 0))
 		return TC_ACT_SHOT;
@@ -192,6 +192,35 @@ static __always_inline int mg_icmp_too_big(struct __sk_buff *skb, const struct m
 	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
 	__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
 	return bpf_redirect(skb->ifindex, 0);
+}
+
+/*
+ * Answers the packet described by `p`, which will not fit a path of `mtu` bytes, with ICMP
+ * "fragmentation needed" from `src`, back out of the interface it came in on (MACs swapped). A
+ * packet without DF, or with IPv4 options, is only dropped. Counts MG_DROP_TOO_BIG either way.
+ * Returns a TC verdict.
+ */
+static __always_inline int mg_icmp_too_big(struct __sk_buff *skb, const struct mg_pkt *p,
+					   __be32 src, __u16 mtu)
+{
+	__u8 frag_hi;
+
+	if (p->l4_off != ETH_HLEN + sizeof(struct iphdr))
+		return mg_drop(MG_DROP_TOO_BIG);
+	if (bpf_skb_load_bytes(skb, ETH_HLEN + 6, &frag_hi, 1) || !(frag_hi & (MG_IP_DF_BIT >> 8)))
+		return mg_drop(MG_DROP_TOO_BIG);
+	mg_count(MG_DROP_TOO_BIG);
+	return mg_icmp_answer(skb, p, src, MG_ICMP_FRAG_NEEDED, mtu);
+}
+
+/*
+ * Refuses a UDP datagram to a frontend without endpoints as kube-proxy's REJECT does: ICMP port
+ * unreachable from the frontend the client addressed (so its socket matches it and reports
+ * ECONNREFUSED). A datagram with IPv4 options is only dropped. A TC verdict.
+ */
+static __always_inline int mg_reject_udp(struct __sk_buff *skb, const struct mg_pkt *p)
+{
+	return mg_icmp_answer(skb, p, p->daddr, MG_ICMP_PORT_UNREACH, 0);
 }
 
 #endif /* MARGAY_LIB_REJECT_H */

@@ -18,6 +18,8 @@
  * new external flow whose backend is on another node in the tunnel to that node, untranslated,
  * with one MG_CT_TUNNEL entry; it also receives the tunnel, decapsulates, and either forwards a
  * reply to its client or opens the flow on this node with a local backend.
+ *
+ * ICMP errors about a translated flow are translated back (lib/icmp.h); other ICMP passes.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -27,6 +29,7 @@
 #include "conntrack.h"
 #include "counters.h"
 #include "csum.h"
+#include "icmp.h"
 #include "log.h"
 #include "maps.h"
 #include "nat.h"
@@ -138,9 +141,11 @@ static __always_inline int mg_new_flow(struct __sk_buff *skb, struct mg_pkt *p, 
 	if (reason) {
 		mg_debug("no backend svc %u reason %d", fe->svc_id, reason);
 		mg_count(reason);
-		/* No endpoints: refuse the connection as kube-proxy's REJECT does. */
-		if (reason == MG_DROP_NO_BACKEND && p->proto == IPPROTO_TCP)
-			return mg_reject_tcp(skb, p);
+		/* No endpoints: refuse the connection as kube-proxy's REJECT does (TCP RST, ICMP
+		 * port unreachable for UDP). */
+		if (reason == MG_DROP_NO_BACKEND)
+			return p->proto == IPPROTO_TCP ? mg_reject_tcp(skb, p)
+						       : mg_reject_udp(skb, p);
 		return TC_ACT_SHOT;
 	}
 
@@ -202,6 +207,29 @@ static __always_inline int mg_new_tunnelled_flow(struct __sk_buff *skb, struct m
 	return TC_ACT_OK;
 }
 
+/*
+ * An ICMP packet: errors about our flows translated (lib/icmp.h), then forwarded as told (only
+ * from_wl, a pod's error about a tunnelled flow on the backend's node, and from_hep, the tunnel's
+ * ends on the ingress node, ever have to).
+ */
+static __always_inline int mg_icmp(struct __sk_buff *skb, enum mg_hook hook, __be32 tun_src,
+				   struct mg_ct_key *key)
+{
+	struct mg_node_cfg *cfg;
+	__s64 rc = mg_icmp_error(skb, hook == MG_HOOK_FROM_HEP, tun_src, key);
+
+	if (rc >= 0 && rc < MG_ICMP_TO_TUNNEL)
+		return (int)rc;
+	if (hook != MG_HOOK_FROM_WL && hook != MG_HOOK_FROM_HEP)
+		return TC_ACT_OK;
+	if (rc == MG_ICMP_TO_CLIENT)
+		return mg_icmp_forward(skb, 0, 0);
+	cfg = mg_node_cfg_get();
+	if (!cfg || !cfg->node_ip)
+		return mg_drop(MG_DROP_ENCAP);
+	return mg_icmp_forward(skb, cfg->node_ip, (__be32)rc);
+}
+
 static __always_inline int mg_tc(struct __sk_buff *skb, enum mg_hook hook)
 {
 	struct mg_pkt p = {};
@@ -210,34 +238,32 @@ static __always_inline int mg_tc(struct __sk_buff *skb, enum mg_hook hook)
 	struct mg_node_cfg *cfg;
 	__be32 tun_src = 0;
 	bool src_is_b;
+	int parsed;
 	__u64 now;
 
-	switch (mg_parse_ipv4(skb, &p)) {
-	case MG_PARSE_OK:
-		break;
-	case MG_PARSE_DROP:
+	parsed = mg_parse_ipv4(skb, &p);
+	if (parsed == MG_PARSE_DROP)
 		return mg_drop(MG_DROP_SHORT);
-	default:
+	if (parsed == MG_PARSE_PASS)
 		return TC_ACT_OK;
-	}
 
 	/* Our tunnel to this node: continue with the packet inside, remembering who sent it. */
-	if (hook == MG_HOOK_FROM_HEP && mg_tunnel_maybe(&p)) {
+	if (hook == MG_HOOK_FROM_HEP && parsed == MG_PARSE_OK && mg_tunnel_maybe(&p)) {
 		cfg = mg_node_cfg_get();
 		if (cfg && mg_tunnel_is_ours(skb, &p, cfg)) {
 			tun_src = p.saddr;
 			if (mg_tunnel_decap(skb, &p))
 				return mg_drop(MG_DROP_ENCAP);
-			switch (mg_parse_ipv4(skb, &p)) {
-			case MG_PARSE_OK:
-				break;
-			case MG_PARSE_DROP:
+			parsed = mg_parse_ipv4(skb, &p);
+			if (parsed == MG_PARSE_DROP)
 				return mg_drop(MG_DROP_SHORT);
-			default:
+			if (parsed == MG_PARSE_PASS)
 				return mg_drop(MG_DROP_TUNNEL_NO_FLOW);
-			}
 		}
 	}
+	/* One call site for both (clang's stack slot sharing fails with two). */
+	if (parsed == MG_PARSE_ICMP)
+		return mg_icmp(skb, hook, tun_src, &key);
 
 	src_is_b = mg_ct_key_fill(&key, p.proto, p.saddr, p.sport, p.daddr, p.dport);
 	v = bpf_map_lookup_elem(&mg_ct, &key);

@@ -464,11 +464,11 @@ fn drops_are_counted_by_reason() {
         r.verdict, TC_ACT_OK,
         "SYN-ACK without conntrack falls through"
     );
-    // UDP: dropped (ICMP port unreachable is not generated yet).
+    // UDP: ICMP port unreachable (tests/icmp.rs checks its bytes).
     let r =
         h.dp.run_tc(TcProgram::FromWorkload, &Pkt::udp(CLIENT, SVC).bytes(), 0)
             .expect("run");
-    assert_eq!(r.verdict, TC_ACT_SHOT, "no endpoints: UDP dropped");
+    assert_eq!(r.verdict, TC_ACT_REDIRECT, "no endpoints: UDP refused");
     assert_eq!(counter(&h, Reason::NoBackend), 2);
 
     // A truncated TCP header.

@@ -239,6 +239,61 @@ fn a_clusterip_without_endpoints_refuses_tcp_at_once() {
     );
 }
 
+/// A connected UDP socket in the client pod sends to `to` and waits for an answer; returns the
+/// error kind its second `recv` reports (an ICMP error arrives asynchronously: the first may time
+/// out, later ones report it). `None` when no error came within the timeout.
+fn udp_error_seen_by_client(t: &Topology, to: (Ipv4Addr, u16)) -> Option<std::io::ErrorKind> {
+    t.pod_a.run(|| {
+        let u = UdpSocket::bind((POD_A_IP, 0)).expect("bind");
+        u.connect(SocketAddr::from(to)).expect("connect");
+        u.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        u.send(b"query").expect("send");
+        let mut buf = [0u8; 64];
+        match u.recv(&mut buf) {
+            Ok(n) => panic!("unexpected answer of {n} bytes"),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => None,
+            Err(e) => Some(e.kind()),
+        }
+    })
+}
+
+#[test]
+fn udp_errors_reach_the_client_about_the_clusterip() {
+    if !common::privileged("udp_errors_reach_the_client_about_the_clusterip") {
+        return;
+    }
+    let mut h = Harness::new();
+    let t = Topology::new();
+    // The backend pod has no socket on BE_PORT: its kernel answers ICMP port unreachable about
+    // (client -> pod), which from_wl must turn into one about (client -> ClusterIP), or the
+    // client's socket (connected to the ClusterIP) never hears of it.
+    seed_service(&mut h);
+    let empty = (Ipv4Addr::new(10, 96, 0, 12), 53);
+    let svc = ServiceNat {
+        svc_id: 3,
+        frontends: vec![(
+            NatFrontendKey::new(empty.0, empty.1, Protocol::Udp, None),
+            0,
+        )],
+        ..ServiceNat::default()
+    };
+    write_service(&mut h.maps.nat_frontends, &mut h.maps.nat_backends, &svc, 0).expect("seed");
+    let _links = attach_node_programs(&mut h, &t, TcMode::Auto);
+
+    assert_eq!(
+        udp_error_seen_by_client(&t, SVC),
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "the pod's port unreachable, translated to the ClusterIP, refuses the client's socket"
+    );
+    assert_eq!(
+        udp_error_seen_by_client(&t, empty),
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "no endpoints: ICMP port unreachable from the ClusterIP"
+    );
+}
+
 // === Tunnel mode: an external client, the backend pod on another node ===
 
 mod tunnel {

@@ -315,6 +315,19 @@ pub fn icmp_too_big(
     mtu: u16,
     frame: &[u8],
 ) -> Vec<u8> {
+    icmp_answer(eth, src, dst, 4, mtu, frame)
+}
+
+/// ICMP "destination unreachable" with `code` (4: fragmentation needed, announcing `mtu`; 3:
+/// port unreachable, `mtu` 0) as the programs build it (see [`icmp_too_big`]).
+pub fn icmp_answer(
+    eth: (Mac, Mac),
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    code: u8,
+    mtu: u16,
+    frame: &[u8],
+) -> Vec<u8> {
     let mut p = Vec::new();
     p.extend_from_slice(&eth.0);
     p.extend_from_slice(&eth.1);
@@ -324,9 +337,40 @@ pub fn icmp_too_big(
     p.extend_from_slice(&dst.octets());
     let c = csum(&p[14..34], 0);
     p[24..26].copy_from_slice(&c.to_be_bytes());
-    p.extend_from_slice(&[3, 4, 0, 0, 0, 0]);
+    p.extend_from_slice(&[3, code, 0, 0, 0, 0]);
     p.extend_from_slice(&mtu.to_be_bytes());
     p.extend_from_slice(&frame[14..14 + 28]);
+    let c = csum(&p[34..], 0);
+    p[36..38].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+/// An ICMP error as a host or a router sends it: Ethernet (the addresses [`Pkt::bytes`] uses),
+/// IPv4 from `src` to `dst` (TTL 64, id 0x4321), ICMP `kind` = (type, code) with `rest` (the
+/// MTU for "fragmentation needed"), quoting the first `quote` bytes of the IPv4 packet in
+/// `frame` (a whole Ethernet frame; all of it when shorter). Every checksum from scratch.
+pub fn icmp_error(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    kind: (u8, u8),
+    rest: u32,
+    frame: &[u8],
+    quote: usize,
+) -> Vec<u8> {
+    let quoted = &frame[14..(14 + quote).min(frame.len())];
+    let total = 20 + 8 + quoted.len();
+    let mut p = Vec::with_capacity(14 + total);
+    p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00]);
+    p.extend_from_slice(&[0x45, 0]);
+    p.extend_from_slice(&(total as u16).to_be_bytes());
+    p.extend_from_slice(&[0x43, 0x21, 0, 0, 64, 1, 0, 0]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    let c = csum(&p[14..34], 0);
+    p[24..26].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(&[kind.0, kind.1, 0, 0]);
+    p.extend_from_slice(&rest.to_be_bytes());
+    p.extend_from_slice(quoted);
     let c = csum(&p[34..], 0);
     p[36..38].copy_from_slice(&c.to_be_bytes());
     p
