@@ -66,7 +66,7 @@ const COMMIT_ATTEMPTS: usize = 64;
 /// [`crate::open()`], or by hand.
 #[derive(Clone, PartialEq, Eq)]
 pub struct EtcdOptions {
-    /// Client URLs: `http://host:port` or `https://host:port`.
+    /// Client URLs: `http://host:port`, `https://host:port`, or one `unix:///path` (a socket).
     pub endpoints: Vec<String>,
     /// TLS settings; required for `https://` endpoints.
     pub tls: Option<EtcdTls>,
@@ -124,6 +124,13 @@ impl EtcdOptions {
     /// What [`Datastore::describe`] shows: the endpoints, whether TLS is on and the user, never
     /// the password.
     pub fn describe(&self) -> String {
+        if let Some(socket) = self.unix_socket() {
+            let mut text = format!("etcd+unix://{socket}");
+            if let Some((user, _)) = &self.credentials {
+                text.push_str(&format!(" (user {user})"));
+            }
+            return text;
+        }
         let tls = self.endpoints.iter().any(|e| e.starts_with("https://"));
         let hosts: Vec<&str> = self
             .endpoints
@@ -136,6 +143,15 @@ impl EtcdOptions {
             text.push_str(&format!(" (user {user})"));
         }
         text
+    }
+}
+
+impl EtcdOptions {
+    /// The socket path of a `unix://` endpoint, if there is one.
+    pub fn unix_socket(&self) -> Option<&str> {
+        self.endpoints
+            .iter()
+            .find_map(|e| e.strip_prefix("unix://"))
     }
 }
 
@@ -216,8 +232,36 @@ impl EtcdDatastore {
             connect = connect.with_user(user, password);
         }
         // Authentication (when configured) happens inside connect, on one of the endpoints.
+        let unix = match options.unix_socket() {
+            Some(_) if options.endpoints.len() > 1 => {
+                return Err(Error::Invalid(format!(
+                    "a unix socket endpoint cannot be mixed with others: {}",
+                    options.endpoints.join(",")
+                )));
+            }
+            Some(_) if options.tls.is_some() => {
+                return Err(Error::Invalid(
+                    "TLS over a unix socket is not supported; unset ETCD_CA_CERT_FILE, \
+                     ETCD_CERT_FILE and ETCD_KEY_FILE"
+                        .to_owned(),
+                ));
+            }
+            Some(_) => Some(unix_channel(&options)?),
+            None => None,
+        };
         let client = send(&options, Retry::Unsent, || {
-            Client::connect(&options.endpoints, Some(connect.clone()))
+            let connect = connect.clone();
+            let unix = unix.clone();
+            let endpoints = &options.endpoints;
+            async move {
+                match unix {
+                    Some(channel) => {
+                        Client::from_channel(etcd_client::Channel::Tonic(channel), Some(connect))
+                            .await
+                    }
+                    None => Client::connect(endpoints, Some(connect)).await,
+                }
+            }
         })
         .await
         .map_err(|failure| match failure {
@@ -706,6 +750,21 @@ fn check_expected(key: &Key, expected: Option<Revision>, actual: Revision) -> Re
         }),
         _ => Ok(()),
     }
+}
+
+/// A channel to etcd over the unix socket of `options` (tonic dials `unix://` endpoints itself;
+/// etcd-client's own endpoint parsing only knows http and https). Connected lazily and again
+/// after every loss, as the TCP channels are; keep-alive as in [`EtcdDatastore::connect`].
+fn unix_channel(options: &EtcdOptions) -> Result<tonic::transport::Channel, Error> {
+    let endpoint = options.endpoints[0].clone();
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
+        .map_err(|e| Error::Invalid(format!("the etcd endpoint {endpoint} is not usable: {e}")))?
+        .connect_timeout(options.connect_timeout)
+        .http2_keep_alive_interval(Duration::from_secs(15))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(false)
+        .connect_lazy();
+    Ok(channel)
 }
 
 // === Revisions ===

@@ -186,12 +186,52 @@ fn parse_with(url: &str, env: Env<'_>) -> Result<Target, Error> {
         "etcd" | "etcdv3" => parse_etcd(url, rest, None, env),
         "etcd+http" => parse_etcd(url, rest, Some(false), env),
         "etcd+https" => parse_etcd(url, rest, Some(true), env),
+        "etcd+unix" => parse_etcd_unix(url, rest, env),
         _ => Err(Error::Invalid(format!(
             "unsupported datastore URL scheme {scheme:?} in {url:?}; supported: \
              sqlite:///absolute/path.db (for example {DEFAULT_DATASTORE_URL}) and \
-             etcd://HOST:PORT[,HOST:PORT...]"
+             etcd://HOST:PORT[,HOST:PORT...] or etcd+unix:///path/to/socket"
         ))),
     }
+}
+
+/// `etcd+unix:///absolute/path`: one etcd reached through a unix socket (the lab's etcd, which
+/// serves every network namespace of the machine without a TCP port in any of them). Plain
+/// gRPC over the socket (the socket file's permissions are the protection); user and password
+/// from the environment as for TCP.
+fn parse_etcd_unix(url: &str, rest: &str, env: Env<'_>) -> Result<Target, Error> {
+    if !rest.starts_with('/') || rest.len() == 1 {
+        return Err(Error::Invalid(format!(
+            "the datastore URL {url:?} names no socket; write etcd+unix:///absolute/path/to/socket"
+        )));
+    }
+    if rest.contains([',', '?', '#', '@']) {
+        return Err(Error::Invalid(format!(
+            "the datastore URL {url:?} names more than a socket path; etcd+unix:// takes exactly \
+             one absolute path (credentials go in ETCD_USERNAME and ETCD_PASSWORD)"
+        )));
+    }
+    if ["ETCD_CA_CERT_FILE", "ETCD_CERT_FILE", "ETCD_KEY_FILE"]
+        .iter()
+        .any(|name| env(name).is_some())
+    {
+        return Err(Error::Invalid(format!(
+            "the datastore URL {url:?} is a unix socket, which Margay does not speak TLS over, \
+             but ETCD_CA_CERT_FILE, ETCD_CERT_FILE or ETCD_KEY_FILE is set; unset them"
+        )));
+    }
+    let credentials = match (env("ETCD_USERNAME"), env("ETCD_PASSWORD")) {
+        (Some(user), password) => Some((user, password.unwrap_or_default())),
+        (None, Some(_)) => {
+            return Err(Error::Invalid(
+                "ETCD_PASSWORD is set without ETCD_USERNAME".to_owned(),
+            ));
+        }
+        (None, None) => None,
+    };
+    let mut options = EtcdOptions::new(&[format!("unix://{rest}")]);
+    options.credentials = credentials;
+    Ok(Target::Etcd(options))
 }
 
 /// Parses the endpoints of an etcd URL and adds calicoctl's TLS and auth variables. `tls` is
@@ -389,6 +429,35 @@ mod tests {
         assert_eq!(
             etcd("etcdv3://h:1", &[]).endpoints,
             etcd("ETCD+HTTP://h:1", &[]).endpoints
+        );
+    }
+
+    #[test]
+    fn etcd_unix_urls_name_one_socket() {
+        let options = etcd("etcd+unix:///run/margay-lab/x/etcd.sock:2379", &[]);
+        assert_eq!(
+            options.endpoints,
+            ["unix:///run/margay-lab/x/etcd.sock:2379"]
+        );
+        assert_eq!(options.tls, None);
+        assert_eq!(
+            options.describe(),
+            "etcd+unix:///run/margay-lab/x/etcd.sock:2379"
+        );
+        let with_user = etcd(
+            "etcd+unix:///s",
+            &[("ETCD_USERNAME", "u"), ("ETCD_PASSWORD", "p")],
+        );
+        assert_eq!(
+            with_user.credentials,
+            Some(("u".to_owned(), "p".to_owned()))
+        );
+        assert!(etcd_invalid("etcd+unix://", &[]).contains("names no socket"));
+        assert!(etcd_invalid("etcd+unix://relative.sock", &[]).contains("absolute"));
+        assert!(etcd_invalid("etcd+unix:///a,/b", &[]).contains("exactly one"));
+        assert!(
+            etcd_invalid("etcd+unix:///s", &[("ETCD_CA_CERT_FILE", "/ca.pem")])
+                .contains("unset them")
         );
     }
 

@@ -22,7 +22,7 @@ use margay_datastore::{
     SyncStatus, SyncUpdate, WatchEvent, WatchStream, WriteMode,
 };
 use serde_json::{Value, json};
-use support::etcd::TestEtcd;
+use support::etcd::{TestEtcd, UnixEtcd};
 use support::proxy::Proxy;
 
 /// Two handles (two connections) on a fresh etcd. etcd starts at revision 1, which the suite
@@ -311,6 +311,40 @@ async fn an_unreachable_etcd_is_a_clear_error() {
         Err(Error::Unavailable(msg)) => {
             assert!(msg.contains(&format!("127.0.0.1:{port}")), "{msg}");
             assert!(msg.contains("Connection refused"), "{msg}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
+
+/// The lab's etcd listens on a unix socket only: `etcd+unix://` reads, writes and watches
+/// through it, and a watch follows etcd across a restart on the same socket.
+#[tokio::test]
+async fn a_unix_socket_etcd_is_used_and_followed_across_a_restart() {
+    let mut etcd = UnixEtcd::start().await;
+    let ds = margay_datastore::open(&etcd.url()).await.unwrap();
+    assert_eq!(ds.describe(), etcd.url());
+    let base = ds.revision().await.unwrap();
+    let mut watch = ds.watch(base).await.unwrap();
+    let p1 = create(ds.as_ref(), ippool("p1", "10.0.0.0/16")).await;
+    assert_eq!(next_event(&mut watch).await.unwrap().revision, p1.revision);
+
+    etcd.stop();
+    assert!(matches!(ds.get(&p1.key).await, Err(Error::Unavailable(_))));
+    etcd.restart().await;
+    let p2 = commit_retrying(ds.as_ref(), ippool("p2", "10.1.0.0/16")).await;
+    let event = next_event(&mut watch).await.unwrap();
+    assert_eq!((event.revision, event.key), (p2.revision, p2.key));
+    assert_eq!(ds.get(&p1.key).await.unwrap(), p1);
+}
+
+#[tokio::test]
+async fn a_missing_unix_socket_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("etcd+unix://{}/etcd.sock:2379", dir.path().display());
+    match margay_datastore::open(&url).await {
+        Err(Error::Unavailable(msg)) => {
+            assert!(msg.contains(&url), "{msg}");
+            assert!(msg.contains("No such file or directory"), "{msg}");
         }
         other => panic!("expected Unavailable, got {other:?}"),
     }

@@ -486,3 +486,97 @@ fn make_certificates(dir: &Path) -> TlsFiles {
         stranger_key: write("stranger-key.pem", &stranger_key),
     }
 }
+
+/// One etcd member that listens on unix sockets only (clients and peers), as the lab runs it:
+/// etcd 3.4 takes `unix://NAME:PORT` and creates the socket file `NAME:PORT` in its working
+/// directory, so it runs in the temporary directory and the socket path is absolute from there.
+#[derive(Debug)]
+pub struct UnixEtcd {
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl UnixEtcd {
+    pub async fn start() -> UnixEtcd {
+        check_installed();
+        let dir = tempfile::Builder::new()
+            .prefix("margay-etcd-unix-")
+            .tempdir()
+            .unwrap();
+        let mut etcd = UnixEtcd { dir, child: None };
+        etcd.restart().await;
+        etcd
+    }
+
+    /// The socket clients connect to.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("etcd.sock:2379")
+    }
+
+    /// The datastore URL of the socket.
+    pub fn url(&self) -> String {
+        format!("etcd+unix://{}", self.socket().display())
+    }
+
+    /// Kills the server (its data stays).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server (again) on its data and waits until it answers.
+    pub async fn restart(&mut self) {
+        self.stop();
+        // A killed etcd leaves its socket files behind; etcd refuses to bind over them.
+        let _ = std::fs::remove_file(self.socket());
+        let _ = std::fs::remove_file(self.dir.path().join("peer.sock:2380"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .unwrap();
+        let child = Command::new("etcd")
+            .current_dir(self.dir.path())
+            .env_clear()
+            .envs(search_path())
+            .args(["--name", "m0", "--data-dir", "data"])
+            .args(["--listen-client-urls", "unix://etcd.sock:2379"])
+            .args(["--advertise-client-urls", "unix://etcd.sock:2379"])
+            .args(["--listen-peer-urls", "unix://peer.sock:2380"])
+            .args(["--initial-advertise-peer-urls", "unix://peer.sock:2380"])
+            .args(["--initial-cluster", "m0=unix://peer.sock:2380"])
+            .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start etcd: {e}"));
+        self.child = Some(child);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if margay_datastore::open(&self.url()).await.is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!(
+                    "etcd exited with {status}:\n{}",
+                    std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not answer on {} within {READY_TIMEOUT:?}",
+                self.url()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+impl Drop for UnixEtcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
