@@ -55,6 +55,9 @@ pub enum Command {
     Client(CommandArgs),
     /// Run a command on the router: `router -- ip route`.
     Router(CommandArgs),
+    /// Stop or start the lab's own etcd (`up --datastore etcd`), for outage drills.
+    #[command(subcommand)]
+    Etcd(EtcdCommand),
     /// TCP echo server answering each connection with the peer address (for tests).
     #[command(hide = true)]
     InternalEcho(EchoArgs),
@@ -74,8 +77,9 @@ pub struct UpArgs {
     /// The dataplane the nodes start with.
     #[arg(long, default_value = "iptables", value_name = "iptables|bpf")]
     pub dataplane: String,
-    /// The datastore (default: a SQLite file in the lab's state directory).
-    #[arg(long, value_name = "URL")]
+    /// The datastore: `etcd` for an etcd the lab starts (on a unix socket in its state
+    /// directory), or a URL (default: a SQLite file in the lab's state directory).
+    #[arg(long, value_name = "etcd|URL")]
     pub datastore: Option<String>,
     /// Build only the network (no datastore, agents or cluster DNS).
     #[arg(long)]
@@ -195,6 +199,21 @@ pub enum NodeCommand {
         /// The node.
         node: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EtcdCommand {
+    /// Stop the lab's etcd: the agents lose the datastore and keep forwarding as programmed.
+    Stop,
+    /// Start the lab's etcd again on its data.
+    Start {
+        /// Serve on another socket file in the lab's etcd directory (`drill.sock:2379`) instead
+        /// of the agents' one, to change the store while the agents cannot reach it.
+        #[arg(long, value_name = "NAME:PORT")]
+        socket: Option<String>,
+    },
+    /// Print the URL the lab's etcd serves (for margayctl's MARGAY_DATASTORE) and whether it runs.
+    Status,
 }
 
 #[derive(Debug, Args)]

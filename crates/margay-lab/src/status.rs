@@ -10,6 +10,7 @@ use ipnet::Ipv4Net;
 use serde::Serialize;
 
 use crate::config::LbMode;
+use crate::controller::agents;
 use crate::error::Result;
 use crate::lab::{Lab, netns_exists};
 use crate::naming::{UNDERLAY_BRIDGE, netns_name};
@@ -81,6 +82,12 @@ pub struct NodeStatus {
     pub node: NodeState,
     pub present: bool,
     pub pods: usize,
+    /// Whether the node's agent follows the datastore (`InSync`, `Resyncing` while it cannot
+    /// reach it, `WaitingForDatastore` before its first listing), from the status file the agent
+    /// writes; read without the datastore, so it also answers during a datastore outage.
+    pub agent_datastore: Option<String>,
+    /// The highest datastore revision the agent's dataplane reflects.
+    pub agent_synced_revision: Option<u64>,
 }
 
 /// A pod network and whether its namespace exists.
@@ -111,7 +118,11 @@ impl Lab {
             created_at: state.created_at,
             state_dir: self.state_dir().to_owned(),
             logs_dir: self.logs_dir(),
-            datastore_url: self.default_datastore_url(),
+            datastore_url: state
+                .annotations
+                .get(crate::controller::DATASTORE_ANNOTATION)
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_else(|| self.default_datastore_url()),
             cgroup: self.cgroups.as_ref().map(|cg| cg.lab_dir()),
             underlay: SegmentStatus {
                 cidr: c.underlay,
@@ -148,6 +159,10 @@ impl Lab {
                 .map(|n| NodeStatus {
                     present: netns_exists(&n.netns),
                     pods: state.pods.iter().filter(|p| p.node == n.name).count(),
+                    agent_datastore: agents::read_status(self, &n.name)
+                        .and_then(|s| s["datastore"].as_str().map(str::to_owned)),
+                    agent_synced_revision: agents::read_status(self, &n.name)
+                        .and_then(|s| s["syncedRevision"].as_u64()),
                     node: n.clone(),
                 })
                 .collect(),
@@ -253,14 +268,21 @@ impl fmt::Display for LabStatus {
             "IP".to_owned(),
             "PORT".to_owned(),
             "PODS".to_owned(),
+            "AGENT".to_owned(),
         ]];
         for n in &self.nodes {
+            let agent = match (&n.agent_datastore, n.agent_synced_revision) {
+                (Some(sync), Some(revision)) => format!("{sync} (revision {revision})"),
+                (Some(sync), None) => sync.clone(),
+                _ => "-".to_owned(),
+            };
             rows.push(vec![
                 n.node.name.clone(),
                 format!("{}{}", n.node.netns, present(n.present)),
                 n.node.ip.to_string(),
                 n.node.underlay_veth.clone(),
                 n.pods.to_string(),
+                agent,
             ]);
         }
         table(f, &rows)?;

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use futures::StreamExt;
 use margay_api::operator::LinuxDataplane;
 use margay_datastore::{Client, SyncStatus, SyncUpdate};
@@ -68,9 +68,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     if let Err(e) = std::fs::write("/proc/sys/net/ipv4/conf/all/route_localnet", "1") {
         tracing::warn!(error = %e, "cannot enable route_localnet; NodePorts on 127.0.0.1 will not answer");
     }
-    let store = margay_datastore::open(&config.datastore_url)
-        .await
-        .with_context(|| format!("cannot open the datastore {}", config.datastore_url))?;
+    let store = open_until_done(&config.datastore_url).await?;
     let client = Client::new(store.clone());
     register_until_done(&client, &config).await;
 
@@ -114,9 +112,21 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 match update {
                     SyncUpdate::Status(s) => {
                         let name = format!("{s:?}");
-                        tracing::info!(status = %name, "datastore sync status");
-                        if let Ok(mut st) = status.write() {
+                        if s == SyncStatus::Resyncing {
+                            // The dataplane keeps what it has (stale beats empty) until the
+                            // store answers again; readiness and the status file say so.
+                            tracing::warn!(status = %name, datastore = %config.datastore_url, "datastore sync status: not in sync, lost the datastore's watch; the dataplane stays as programmed until it is back");
+                        } else {
+                            tracing::info!(status = %name, "datastore sync status");
+                        }
+                        let snapshot = status.write().ok().map(|mut st| {
                             st.datastore = name;
+                            st.clone()
+                        });
+                        // Written at once, not at the next dataplane sync: the lab and people
+                        // read the file to know whether the node follows the datastore.
+                        if let (Some(path), Some(snapshot)) = (&config.status_file, snapshot) {
+                            write_status_file(path, &snapshot);
                         }
                         if s == SyncStatus::InSync {
                             in_sync = true;
@@ -158,6 +168,27 @@ pub async fn run(config: AgentConfig) -> Result<()> {
 }
 
 /// The datastore may not be up yet when the agent starts: keep trying, saying so.
+/// Opens the datastore, waiting for it when it is unreachable (an agent started during a
+/// datastore outage, or before etcd) rather than exiting; a wrong URL or refused credentials
+/// end the agent at once.
+async fn open_until_done(url: &str) -> Result<Arc<dyn margay_datastore::Datastore>> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match margay_datastore::open(url).await {
+            Ok(store) => return Ok(store),
+            Err(margay_datastore::Error::Unavailable(e)) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot reach the datastore yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("cannot open the datastore {url}")));
+            }
+        }
+    }
+}
+
 async fn register_until_done(client: &Client, config: &AgentConfig) {
     let mut delay = Duration::from_millis(100);
     loop {

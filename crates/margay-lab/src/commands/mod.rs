@@ -4,6 +4,7 @@
 mod apply;
 mod client;
 mod down;
+mod etcd;
 mod get;
 mod internal;
 mod node;
@@ -31,6 +32,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Exec(args) => workloads::exec(name, &args),
         Command::Rollout(args) => workloads::rollout(name, &args),
         Command::Client(args) => client::run(name, margay_lab::Target::Client, &args),
+        Command::Etcd(command) => etcd::run(name, command),
         Command::Router(args) => client::run(name, margay_lab::Target::Router, &args),
         Command::InternalEcho(args) => internal::echo(&args),
         Command::InternalConnect(args) => internal::connect(&args),

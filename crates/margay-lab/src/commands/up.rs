@@ -4,7 +4,7 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use margay_lab::controller::{Cluster, agents};
+use margay_lab::controller::{Cluster, agents, etcd};
 use margay_lab::{Lab, LabConfig, LbMode, Target};
 
 use crate::cli::UpArgs;
@@ -66,10 +66,17 @@ async fn start_cluster(lab: &Lab, args: &UpArgs, started: Instant) -> Result<()>
         "bpf" => "BPF",
         other => anyhow::bail!("--dataplane {other:?}: use iptables or bpf"),
     };
-    let url = args
-        .datastore
-        .clone()
-        .unwrap_or_else(|| lab.default_datastore_url());
+    let url = match args.datastore.as_deref() {
+        // The lab's own etcd, on a unix socket in its state directory (controller/etcd.rs).
+        Some(etcd::LAB_ETCD) => {
+            lab.set_annotation(etcd::ETCD_ANNOTATION, serde_json::Value::Bool(true))?;
+            let url = etcd::start(lab, None).await?;
+            step("etcd", format!("{url} (data in {})", etcd::dir(lab).display()));
+            url
+        }
+        Some(url) => url.to_owned(),
+        None => lab.default_datastore_url(),
+    };
     lab.set_annotation(
         margay_lab::controller::DATASTORE_ANNOTATION,
         serde_json::Value::String(url.clone()),

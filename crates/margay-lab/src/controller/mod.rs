@@ -7,6 +7,7 @@
 //! verb returns, the dataplane already reflects it.
 
 pub mod agents;
+pub mod etcd;
 pub mod kubelet;
 
 use std::time::Duration;

@@ -1,0 +1,39 @@
+//! `margay-lab etcd stop|start|status`: the lab's own etcd (`up --datastore etcd`), for outage
+//! drills. Stopping it leaves the agents running on what they programmed; starting it again
+//! lets them resync.
+
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use margay_lab::Lab;
+use margay_lab::controller::etcd;
+
+use crate::cli::EtcdCommand;
+
+pub fn run(name: &str, command: EtcdCommand) -> Result<ExitCode> {
+    super::require_root("etcd")?;
+    let lab = Lab::open(name)?;
+    if !etcd::is_lab_etcd(&lab)? {
+        bail!(
+            "lab {name} does not run its own etcd (it was brought up without `--datastore etcd`)"
+        );
+    }
+    match command {
+        EtcdCommand::Stop => {
+            if etcd::stop(&lab)? {
+                println!("etcd stopped; its data stays in {}", etcd::dir(&lab).display());
+            } else {
+                println!("etcd was not running");
+            }
+        }
+        EtcdCommand::Start { socket } => {
+            let url = super::runtime()?.block_on(etcd::start(&lab, socket.as_deref()))?;
+            println!("etcd serves {url}");
+        }
+        EtcdCommand::Status => match etcd::running(&lab)? {
+            Some(pid) => println!("{} (pid {pid})", etcd::url(&lab)),
+            None => println!("{} (stopped)", etcd::url(&lab)),
+        },
+    }
+    Ok(ExitCode::SUCCESS)
+}
