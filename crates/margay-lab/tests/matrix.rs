@@ -21,8 +21,23 @@ fn iptables_connectivity_matrix() {
     if skip_unless_root("iptables_connectivity_matrix") {
         return;
     }
-    // LoadBalancer traffic goes to node-2, which has no backend of `echo`.
-    let lab = TestLab::up("mx", &["--lb-mode", "node-2"]);
+    iptables_matrix(TestLab::up("mx", &["--lb-mode", "node-2"]));
+}
+
+/// The same matrix with every agent and the lab's verbs on the lab's own etcd.
+#[test]
+fn iptables_connectivity_matrix_on_etcd() {
+    if skip_unless_root("iptables_connectivity_matrix_on_etcd") {
+        return;
+    }
+    let lab = TestLab::up("mxe", &["--lb-mode", "node-2", "--datastore", "etcd"]);
+    lab.assert_on_lab_etcd();
+    iptables_matrix(lab);
+}
+
+/// Every cell of the Iptables matrix on `lab`, whose LoadBalancer traffic goes to node-2, which
+/// has no backend of `echo`.
+fn iptables_matrix(lab: TestLab) {
     lab.apply(WORKLOADS);
 
     let ip = |pod: &str| lab.jsonpath(&["pod", pod, "-n", "matrix"], "{.status.podIP}");
@@ -366,9 +381,24 @@ fn bpf_dataplane_matrix_keeps_client_addresses_on_every_node() {
     if skip_unless_root("bpf_dataplane_matrix_keeps_client_addresses_on_every_node") {
         return;
     }
-    // LoadBalancer traffic is spread over every node (ECMP); only node-1 runs `echo`'s backend:
-    // the others reach it through the Tunnel mode (VXLAN to node-1, which NATs).
-    let lab = TestLab::up("bx", &["--dataplane", "bpf"]);
+    bpf_matrix(TestLab::up("bx", &["--dataplane", "bpf"]));
+}
+
+/// The same BPF matrix with every agent and the lab's verbs on the lab's own etcd.
+#[test]
+fn bpf_dataplane_matrix_on_etcd() {
+    if skip_unless_root("bpf_dataplane_matrix_on_etcd") {
+        return;
+    }
+    let lab = TestLab::up("bxe", &["--dataplane", "bpf", "--datastore", "etcd"]);
+    lab.assert_on_lab_etcd();
+    bpf_matrix(lab);
+}
+
+/// The BPF matrix on `lab` (brought up with `--dataplane bpf`). LoadBalancer traffic is spread
+/// over every node (ECMP); only node-1 runs `echo`'s backend: the others reach it through the
+/// Tunnel mode (VXLAN to node-1, which NATs).
+fn bpf_matrix(lab: TestLab) {
     lab.apply(WORKLOADS);
     let nodes = lab.ok(&["get", "nodes", "-o", "wide"]);
     assert_eq!(
@@ -610,10 +640,24 @@ fn yaobank_shows_the_client_address_after_switching_to_bpf_and_a_node_address_af
     if skip_unless_root("yaobank_shows_the_client_address_after_switching_to_bpf") {
         return;
     }
-    // The seed's steps 4, 8, 10 and the reversal: before, the customer logs a node's address;
-    // after switching the Installation to BPF (live: no agent or pod restarts), the client's,
-    // whichever node the load balancer picks; after switching back, a node's again.
-    let lab = TestLab::up("yb", &[]);
+    yaobank_switch(TestLab::up("yb", &[]));
+}
+
+/// The same path with every agent, the lab's verbs and margayctl on the lab's own etcd.
+#[test]
+fn yaobank_switch_on_etcd() {
+    if skip_unless_root("yaobank_switch_on_etcd") {
+        return;
+    }
+    let lab = TestLab::up("ybe", &["--datastore", "etcd"]);
+    lab.assert_on_lab_etcd();
+    yaobank_switch(lab);
+}
+
+/// The seed's steps 4, 8, 10 and the reversal: before, the customer logs a node's address;
+/// after switching the Installation to BPF (live: no agent or pod restarts), the client's,
+/// whichever node the load balancer picks; after switching back, a node's again.
+fn yaobank_switch(lab: TestLab) {
     lab.apply_example("examples/yaobank.yaml");
     lab.apply_example("examples/yaobank-customer-lb.yaml");
     let lb = lab.jsonpath(

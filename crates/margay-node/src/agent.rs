@@ -182,8 +182,9 @@ async fn open_until_done(url: &str) -> Result<Arc<dyn margay_datastore::Datastor
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(e) => {
-                return Err(anyhow::Error::new(e)
-                    .context(format!("cannot open the datastore {url}")));
+                return Err(
+                    anyhow::Error::new(e).context(format!("cannot open the datastore {url}"))
+                );
             }
         }
     }

@@ -21,7 +21,10 @@ pub fn run(name: &str, command: EtcdCommand) -> Result<ExitCode> {
     match command {
         EtcdCommand::Stop => {
             if etcd::stop(&lab)? {
-                println!("etcd stopped; its data stays in {}", etcd::dir(&lab).display());
+                println!(
+                    "etcd stopped; its data stays in {}",
+                    etcd::dir(&lab).display()
+                );
             } else {
                 println!("etcd was not running");
             }

@@ -71,7 +71,10 @@ async fn start_cluster(lab: &Lab, args: &UpArgs, started: Instant) -> Result<()>
         Some(etcd::LAB_ETCD) => {
             lab.set_annotation(etcd::ETCD_ANNOTATION, serde_json::Value::Bool(true))?;
             let url = etcd::start(lab, None).await?;
-            step("etcd", format!("{url} (data in {})", etcd::dir(lab).display()));
+            step(
+                "etcd",
+                format!("{url} (data in {})", etcd::dir(lab).display()),
+            );
             url
         }
         Some(url) => url.to_owned(),

@@ -97,22 +97,65 @@ impl TestLab {
         self.ok(&all).trim().to_owned()
     }
 
+    /// The URL of the lab's datastore, as `margay-lab status` reports it (SQLite by default,
+    /// `etcd+unix://...` with `--datastore etcd`).
+    pub fn datastore_url(&self) -> String {
+        let status: serde_json::Value =
+            serde_json::from_str(&self.ok(&["status", "-o", "json"])).expect("status JSON");
+        status["datastore_url"]
+            .as_str()
+            .expect("status has datastore_url")
+            .to_owned()
+    }
+
+    /// Checks that the lab runs on its own etcd, as `--datastore etcd` asks: the verbs use its
+    /// socket, and etcd itself (asked with etcdctl, not through Margay) holds every Node where
+    /// Calico keeps them. A test on etcd that silently ran on SQLite would prove nothing.
+    pub fn assert_on_lab_etcd(&self) {
+        let url = self.datastore_url();
+        let socket = url
+            .strip_prefix("etcd+unix://")
+            .unwrap_or_else(|| panic!("the lab's datastore is not its etcd: {url}"));
+        let out = Command::new("etcdctl")
+            .env_clear()
+            .envs(std::env::var_os("PATH").map(|p| ("PATH", p)))
+            .arg("--endpoints")
+            .arg(format!("unix://{socket}"))
+            .args([
+                "get",
+                "--prefix",
+                "--keys-only",
+                "/calico/resources/v3/projectcalico.org/nodes/",
+            ])
+            .output()
+            .expect("run etcdctl (Debian's etcd-client)");
+        let keys = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            keys.lines().filter(|l| !l.is_empty()).count(),
+            3,
+            "etcdctl sees the lab's Nodes in etcd: {keys}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// `margayctl ARGS` against the lab's datastore; returns stdout.
     pub fn margayctl(&self, args: &[&str]) -> String {
-        let out = Command::new(self.bin_dir.join("margayctl"))
-            .args(args)
-            .env(
-                "MARGAY_DATASTORE",
-                format!("sqlite:///run/margay-lab/{}/margay.db", self.name),
-            )
-            .output()
-            .expect("run margayctl");
+        let out = self.margayctl_at(&self.datastore_url(), args);
         assert!(
             out.status.success(),
             "margayctl {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `margayctl ARGS` against the datastore at `url`, whatever its outcome.
+    pub fn margayctl_at(&self, url: &str, args: &[&str]) -> Output {
+        Command::new(self.bin_dir.join("margayctl"))
+            .args(args)
+            .env("MARGAY_DATASTORE", url)
+            .output()
+            .expect("run margayctl")
     }
 
     /// Runs `margay-demo-app probe` from `from`; returns (exit code, first line).
