@@ -13,10 +13,15 @@
 //!    `echo-local` (NodePort 30081); then it compacts etcd's history to the current revision,
 //!    so no agent can resume its watch and each needs a full resync. etcd is stopped again
 //!    and, 60 s after the outage began, started on the agents' socket.
+//! 0. First a short restart of etcd (inside the watches' 10 s reconnect window): the agents
+//!    resume their watches, stay InSync and apply the next change.
 //! 4. The agents resync by themselves (no agent restarts: their pids are unchanged) and apply
 //!    both changes: 30090 answers, 30081 no longer does.
 //!
 //! Root only; CI runs it as root. The lab has a unique name and is taken down on drop.
+
+// Helpers outside #[test] functions are test code too.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -65,6 +70,24 @@ fn agents_ride_out_a_60s_etcd_outage_and_apply_what_changed_meanwhile() {
             "before the outage, {target}: exit {code}: {line}"
         );
     }
+
+    // A short restart (a member restart, an upgrade) stays inside the watch's reconnect window:
+    // the agents resume their watches from their revision, never leave InSync, and apply what
+    // is written next (`apply` returns only once every agent has programmed it).
+    lab.ok(&["etcd", "stop"]);
+    lab.ok(&["etcd", "start"]);
+    lab.apply(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: after-restart, namespace: matrix}\ndata: {a: b}\n",
+    );
+    for node in NODES {
+        assert_eq!(agent_file(&lab, node)["datastore"], "InSync", "{node}");
+        let log = agent_log(&lab, node);
+        assert!(
+            !log.contains("not in sync"),
+            "{node} lost sync over a short etcd restart"
+        );
+    }
+    assert_eq!(agent_pids(&lab), agents_before, "no agent restarted");
 
     // The stream: new connections, one after another, through the LoadBalancer IP and the
     // NodePort, from the external client, for the whole test.
@@ -123,11 +146,7 @@ fn agents_ride_out_a_60s_etcd_outage_and_apply_what_changed_meanwhile() {
             code != 0 && text.contains("503") && text.contains("Resyncing"),
             "{node} /readiness during the outage: exit {code}: {text}"
         );
-        let log = std::fs::read_to_string(format!(
-            "/run/margay-lab/{}/logs/agent-{node}.log",
-            lab.name
-        ))
-        .expect("agent log");
+        let log = agent_log(&lab, node);
         assert!(
             log.contains("not in sync"),
             "{node}'s log says nothing about losing the datastore"
@@ -185,10 +204,15 @@ fn agents_ride_out_a_60s_etcd_outage_and_apply_what_changed_meanwhile() {
         .unwrap();
     etcdctl(socket, &["compact", &revision.to_string()]);
     lab.ok(&["etcd", "stop"]);
-    // Still nobody in sync, and nothing applied.
+    // Still nobody in sync, and nothing applied: the agents did not see the drill's etcd.
     for node in NODES {
         assert_eq!(agent_file(&lab, node)["datastore"], "Resyncing", "{node}");
     }
+    let (code, line) = lab.probe(&From::Client, "tcp", &format!("{NODE_2}:30090"));
+    assert_ne!(
+        code, 0,
+        "30090 answered before the agents could know of it: {line}"
+    );
 
     sleep_until(outage + OUTAGE);
     lab.ok(&["etcd", "start"]);
@@ -236,11 +260,7 @@ fn agents_ride_out_a_60s_etcd_outage_and_apply_what_changed_meanwhile() {
         "margayctl node status after the return:\n{nodes}"
     );
     for node in NODES {
-        let log = std::fs::read_to_string(format!(
-            "/run/margay-lab/{}/logs/agent-{node}.log",
-            lab.name
-        ))
-        .unwrap();
+        let log = agent_log(&lab, node);
         let lost = log.rfind("not in sync").expect("lost");
         assert!(
             log[lost..].contains("status=InSync"),
@@ -285,6 +305,15 @@ fn agent_pids(lab: &TestLab) -> Vec<u64> {
         .collect();
     pids.sort_unstable();
     pids
+}
+
+/// A node agent's log.
+fn agent_log(lab: &TestLab, node: &str) -> String {
+    std::fs::read_to_string(format!(
+        "/run/margay-lab/{}/logs/agent-{node}.log",
+        lab.name
+    ))
+    .expect("agent log")
 }
 
 /// A node agent's status file.
