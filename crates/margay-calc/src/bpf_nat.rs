@@ -445,6 +445,23 @@ pub fn bpf_nat_model(
     assign_ids(nat_services(services, slices, node), previous)
 }
 
+/// As [`bpf_nat_model`], with more backend lists beside the Services' (`extra`: the pods'
+/// hostPorts, [`crate::host_ports::host_port_nat_services`]). Lists are named apart
+/// (`hostport/...`), so ids stay sticky the same way; a frontend both claim goes to the first
+/// name in order, and the conflict is recorded.
+pub fn bpf_nat_model_with(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &NodeContext,
+    extra: &[NatService],
+    previous: &NatModel,
+) -> NatModel {
+    let mut lists = nat_services(services, slices, node);
+    lists.extend(extra.iter().cloned());
+    lists.sort_by(|a, b| a.name.cmp(&b.name));
+    assign_ids(lists, previous)
+}
+
 /// One service port, as the BPF NAT sees it.
 #[derive(Debug)]
 struct PortInfo {

@@ -4,6 +4,7 @@
 //! - [`kube_proxy`]: the Iptables dataplane's Service rules, exactly as kube-proxy's iptables
 //!   mode writes them ([`kube_proxy_ruleset`]).
 //! - [`nat_outgoing`]: Calico's natOutgoing masquerade for pod pools.
+//! - [`host_ports`]: pods' hostPorts (portmap's chains, BPF NAT frontends).
 //! - [`model`]: the [`Ruleset`] both produce and the iptables-restore text that applies it
 //!   ([`ruleset_to_restore`], [`RestorePlan`]).
 //! - [`scenario`]: a node context plus resources as one YAML document (golden tests, lab).
@@ -12,6 +13,7 @@
 
 pub mod bpf_kept_rules;
 pub mod bpf_nat;
+pub mod host_ports;
 pub mod kube_proxy;
 pub mod model;
 pub mod nat_outgoing;

@@ -153,8 +153,9 @@ pub const SERVICE_CHAIN_PREFIXES: [&str; 6] = [
 /// Fixed chain names Margay owns in the filter and nat tables: kube-proxy's top-level chains, the
 /// kubelet-shared `KUBE-FIREWALL`, `KUBE-MARK-DROP` (created by kubelet and kube-proxy before
 /// 1.28; owned so cleanup removes it), kube-proxy's canary, Margay's helper chain for clusters with
-/// several pod CIDRs, the natOutgoing chain, and the BPF mode's FORWARD exception.
-pub const OWNED_CHAINS: [&str; 13] = [
+/// several pod CIDRs, the natOutgoing chain, the BPF mode's FORWARD exception, and the CNI
+/// portmap plugin's hostPort chains (Margay programs hostPorts in place of the plugin).
+pub const OWNED_CHAINS: [&str; 16] = [
     "KUBE-SERVICES",
     "KUBE-EXTERNAL-SERVICES",
     "KUBE-FORWARD",
@@ -168,13 +169,18 @@ pub const OWNED_CHAINS: [&str; 13] = [
     crate::kube_proxy::KUBE_MARK_MASQ_OFF_CLUSTER,
     crate::nat_outgoing::NAT_OUTGOING_CHAIN,
     crate::bpf_kept_rules::BPF_FORWARD_CHAIN,
+    crate::host_ports::HOSTPORT_DNAT_CHAIN,
+    crate::host_ports::HOSTPORT_SETMARK_CHAIN,
+    crate::host_ports::HOSTPORT_MASQ_CHAIN,
 ];
 
 /// Whether a chain (in the filter or nat table) belongs to Margay: the driver rewrites, deletes
 /// when stale, and cleans up exactly these chains, and removes built-in-chain rules jumping to
 /// them that it does not want.
 pub fn is_owned_chain(name: &str) -> bool {
-    OWNED_CHAINS.contains(&name) || SERVICE_CHAIN_PREFIXES.iter().any(|p| name.starts_with(p))
+    OWNED_CHAINS.contains(&name)
+        || SERVICE_CHAIN_PREFIXES.iter().any(|p| name.starts_with(p))
+        || name.starts_with(crate::host_ports::HOSTPORT_POD_CHAIN_PREFIX)
 }
 
 /// `-m comment --comment TEXT`, quoted as iptables-save quotes it.

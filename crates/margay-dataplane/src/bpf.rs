@@ -47,7 +47,8 @@ use margay_bpf::maps::{
 };
 use margay_calc::NodeContext;
 use margay_calc::bpf_nat::{
-    Backend, BackendKey, FrontendKey, FrontendValue, NatDiff, NatModel, Proto, bpf_nat_model, flags,
+    Backend, BackendKey, FrontendKey, FrontendValue, NatDiff, NatModel, Proto, bpf_nat_model_with,
+    flags,
 };
 
 pub use conntrack::{CleanupReport, Timeouts};
@@ -240,6 +241,8 @@ pub struct BpfNatDriver {
     adopted: AdoptReport,
     /// Other nodes' addresses, for remote backends (Tunnel mode).
     peers: BTreeMap<String, Ipv4Addr>,
+    /// Backend lists beside the Services': this node's pods' hostPorts.
+    host_ports: Vec<margay_calc::bpf_nat::NatService>,
 }
 
 impl BpfNatDriver {
@@ -253,6 +256,7 @@ impl BpfNatDriver {
             applied: false,
             adopted: AdoptReport::default(),
             peers: BTreeMap::new(),
+            host_ports: Vec::new(),
         };
         driver.resync()?;
         Ok(driver)
@@ -352,7 +356,8 @@ impl BpfNatDriver {
         slices: &[EndpointSlice],
         node: &NodeContext,
     ) -> Result<ApplyReport, BpfError> {
-        let mut desired = bpf_nat_model(services, slices, node, &self.current);
+        let mut desired =
+            bpf_nat_model_with(services, slices, node, &self.host_ports, &self.current);
         self.place_remote_backends(&mut desired, slices, node);
         for c in &desired.conflicts {
             tracing::warn!(conflict = %c, "two services claim one frontend");
@@ -365,6 +370,12 @@ impl BpfNatDriver {
     pub fn set_node_config(&mut self, cfg: &margay_bpf::maps::NodeConfig) -> Result<(), BpfError> {
         self.maps.node_config.set(cfg)?;
         Ok(())
+    }
+
+    /// Sets the backend lists the next syncs write beside the Services': this node's pods'
+    /// hostPorts (`margay_calc::host_ports::host_port_nat_services`), empty when Disabled.
+    pub fn set_host_ports(&mut self, lists: Vec<margay_calc::bpf_nat::NatService>) {
+        self.host_ports = lists;
     }
 
     /// Tells the driver where other nodes are (node name -> address): backends on those nodes

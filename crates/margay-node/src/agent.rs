@@ -299,6 +299,7 @@ impl Agent {
         let slices = self.cache.endpoint_slices();
         let pools = self.cache.pools();
         let local_ips: Vec<Ipv4Addr> = vec![self.config.node_ip];
+        let host_ports = self.cache.host_ports(&node);
         // The Service dataplane: BPF when asked for and the node passes the preflight,
         // kube-proxy's rules otherwise.
         let mut active = LinuxDataplane::Iptables;
@@ -334,6 +335,10 @@ impl Agent {
                             .filter(|(name, _)| **name != node)
                             .map(|(name, p)| (name.clone(), p.ip))
                             .collect();
+                        bpf.set_host_ports(margay_calc::host_ports::host_port_nat_services(
+                            &host_ports,
+                            &local_ips,
+                        ));
                         bpf.sync(
                             &node, &local_ips, peers, &cidrs, &blocks, &services, &slices, &felix,
                         )
@@ -369,6 +374,12 @@ impl Agent {
                     &slices,
                     &pools,
                     active == LinuxDataplane::Bpf,
+                    // In BPF mode the programs serve hostPorts.
+                    if active == LinuxDataplane::Bpf {
+                        &[]
+                    } else {
+                        &host_ports
+                    },
                 )
                 .await
         };

@@ -250,6 +250,11 @@ impl BpfDataplane {
         Ok(changes)
     }
 
+    /// The backend lists for pods' hostPorts the next sync writes beside the Services'.
+    pub fn set_host_ports(&mut self, lists: Vec<margay_calc::bpf_nat::NatService>) {
+        self.driver.set_host_ports(lists);
+    }
+
     /// Detaches everything: unpinning the links detaches the programs; the maps go with their
     /// pins. Afterwards nothing of ours stays in the kernel.
     pub fn remove(self) -> Result<()> {

@@ -14,7 +14,7 @@ use margay_datastore::{Key, Stored};
 use serde_json::Value;
 
 /// The kinds the agent follows.
-pub const KINDS: [Kind; 8] = [
+pub const KINDS: [Kind; 9] = [
     Kind::Service,
     Kind::EndpointSlice,
     Kind::Node,
@@ -23,6 +23,8 @@ pub const KINDS: [Kind; 8] = [
     Kind::FelixConfiguration,
     Kind::Installation,
     Kind::Namespace,
+    // For their hostPorts.
+    Kind::Pod,
 ];
 
 #[derive(Debug, Default)]
@@ -53,6 +55,23 @@ impl Cache {
         self.of_kind(Kind::Service)
             .filter_map(|s| serde_json::from_value(s.value.clone()).ok())
             .collect()
+    }
+
+    /// The hostPorts of the pods on `node`, or none when the Installation says
+    /// `hostPorts: Disabled` (Enabled when unset, as in Calico).
+    pub fn host_ports(&self, node: &str) -> Vec<margay_calc::host_ports::HostPort> {
+        let disabled = self
+            .get(&Key::new(Kind::Installation, None, "default"))
+            .is_some_and(|v| v["spec"]["calicoNetwork"]["hostPorts"] == "Disabled");
+        if disabled {
+            return Vec::new();
+        }
+        let pods: Vec<k8s_openapi::api::core::v1::Pod> = self
+            .of_kind(Kind::Pod)
+            .filter(|s| s.value["spec"]["nodeName"] == node)
+            .filter_map(|s| serde_json::from_value(s.value.clone()).ok())
+            .collect();
+        margay_calc::host_ports::host_ports(&pods, node)
     }
 
     pub fn endpoint_slices(&self) -> Vec<EndpointSlice> {

@@ -32,7 +32,12 @@ impl ProxyDataplane {
     /// Computes the rules for the current Services and Endpoints and applies the difference.
     /// `bpf_active`: the BPF programs serve Services and kube-proxy's rules are only kept
     /// (`bpfKubeProxyIptablesCleanupEnabled: false`), so their INVALID drop must not see the
-    /// flows the programs NAT.
+    /// flows the programs NAT. `host_ports`: the pods' hostPorts this dataplane serves (none in
+    /// BPF mode, where the programs do).
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one sync's inputs, all from the agent's cache"
+    )]
     pub async fn sync(
         &mut self,
         node: &str,
@@ -41,6 +46,7 @@ impl ProxyDataplane {
         slices: &[EndpointSlice],
         pools: &[(Ipv4Net, bool)],
         bpf_active: bool,
+        host_ports: &[margay_calc::host_ports::HostPort],
     ) -> Result<ProxySummary> {
         let context = NodeContext {
             node_name: node.to_owned(),
@@ -49,6 +55,7 @@ impl ProxyDataplane {
         };
         let mut ruleset = kube_proxy_ruleset(services, slices, &context);
         ruleset.add_nat_outgoing(pools);
+        ruleset.add_host_ports(host_ports);
         if bpf_active {
             ruleset.add_bpf_forward_accept();
         }
