@@ -79,18 +79,65 @@ static __always_inline void mg_ct_seen(struct mg_ct_val *v, bool from_b, __u8 ct
  * came in the tunnel (with MG_CT_F_FROM_TUNNEL in `extra_flags`), else 0. Returns 0 or a negative
  * error.
  */
+static __always_inline bool mg_ct_key_eq(const struct mg_ct_key *a, const struct mg_ct_key *b)
+{
+	return a->proto == b->proto && a->addr_a == b->addr_a && a->addr_b == b->addr_b &&
+	       a->port_a == b->port_a && a->port_b == b->port_b;
+}
+
+/*
+ * Port SNAT (bpfPSNATPorts): the reverse key (client, backend) of a new flow whose forward key is
+ * `fwd_key` belongs to another flow: two ingress nodes (or two frontends) sent the same client
+ * address and port to this backend. Tries MG_PSNAT_TRIES random ports of the configured range for
+ * one whose reverse key is free and fills `rev_key` with it. Returns the port (be), 0 if none.
+ */
+static __always_inline __be16 mg_psnat_pick(const struct mg_pkt *p, __be32 be_addr, __be16 be_port,
+					    struct mg_ct_key *rev_key)
+{
+	struct mg_node_cfg *cfg = mg_node_cfg_get();
+	__u32 first, n;
+	__be16 port;
+
+	if (!cfg || !cfg->psnat_first || cfg->psnat_last < cfg->psnat_first)
+		return 0;
+	first = cfg->psnat_first;
+	n = (__u32)cfg->psnat_last - first + 1;
+#pragma unroll
+	for (int i = 0; i < MG_PSNAT_TRIES; i++) {
+		port = bpf_htons((__u16)(first + bpf_get_prandom_u32() % n));
+		mg_ct_key_fill(rev_key, p->proto, p->saddr, port, be_addr, be_port);
+		if (!bpf_map_lookup_elem(&mg_ct, rev_key))
+			return port;
+	}
+	return 0;
+}
+
 static __always_inline int mg_ct_create_nat(const struct mg_pkt *p, __be32 be_addr, __be16 be_port,
 					    __u32 svc_id, __u8 extra_flags, __be32 tun_addr,
-					    __u64 now)
+					    __u64 now, __be16 *psnat_port)
 {
 	struct mg_ct_key fwd_key, rev_key;
 	struct mg_ct_val fwd = {}, rev = {};
+	struct mg_ct_val *taken;
 	bool client_b_fwd, client_b_rev;
 	__u8 ct_tcp = mg_ct_tcp_bits(p->tcp_flags);
+	__be16 cport = p->sport;
 	int err;
 
 	client_b_fwd = mg_ct_key_fill(&fwd_key, p->proto, p->saddr, p->sport, p->daddr, p->dport);
 	client_b_rev = mg_ct_key_fill(&rev_key, p->proto, p->saddr, p->sport, be_addr, be_port);
+	/* (client, backend) held by another flow (an orphan of this very flow is overwritten). */
+	taken = bpf_map_lookup_elem(&mg_ct, &rev_key);
+	if (taken && !mg_ct_key_eq(&taken->peer, &fwd_key)) {
+		cport = mg_psnat_pick(p, be_addr, be_port, &rev_key);
+		if (!cport)
+			return -1;
+		client_b_rev =
+		    mg_ct_key_fill(&rev_key, p->proto, p->saddr, cport, be_addr, be_port);
+		fwd.psnat_port = cport;
+		rev.psnat_port = p->sport;
+	}
+	*psnat_port = fwd.psnat_port;
 
 	rev.created_ns = now;
 	rev.last_seen_ns = now;

@@ -89,6 +89,17 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mg_ctlb_rev SEC(".maps");
 
+/* bpfDSROptoutCIDRs: client networks served the Tunnel way in DSR mode (written by the agent;
+ * read for new tunnelled flows in DSR mode only). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct mg_route_key);
+	__type(value, __u32);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mg_dsr_optout SEC(".maps");
+
 /* Node configuration: one entry (key 0), written by the agent. An array lookup with a constant
  * key is inlined by the verifier: it costs no helper call. */
 struct {
@@ -104,6 +115,14 @@ static __always_inline struct mg_node_cfg *mg_node_cfg_get(void)
 	__u32 zero = 0;
 
 	return bpf_map_lookup_elem(&mg_node_cfg, &zero);
+}
+
+/* The client is in bpfDSROptoutCIDRs: served the Tunnel way even in DSR mode. */
+static __always_inline bool mg_dsr_opted_out(__be32 client)
+{
+	struct mg_route_key k = {.prefixlen = MG_RT_PREFIX_MAX, .addr = client};
+
+	return bpf_map_lookup_elem(&mg_dsr_optout, &k) != NULL;
 }
 
 #endif /* MARGAY_LIB_MAPS_H */

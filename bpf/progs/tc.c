@@ -72,13 +72,21 @@ static __always_inline int mg_ct_hit(struct __sk_buff *skb, struct mg_pkt *p, st
 
 	switch (v->kind) {
 	case MG_CT_NAT_FWD:
-		/* client -> frontend: DNAT to the backend chosen at creation. */
-		if (from_client && mg_rewrite(skb, p, MG_REWRITE_DST, v->nat_addr, v->nat_port))
+		/* client -> frontend: DNAT to the backend chosen at creation (and the client's port
+		 * to its port SNAT one, if it got one). */
+		if (!from_client)
+			return TC_ACT_OK;
+		if (mg_rewrite(skb, p, MG_REWRITE_DST, v->nat_addr, v->nat_port))
+			return mg_drop(MG_DROP_NAT_WRITE);
+		if (v->psnat_port && mg_rewrite(skb, p, MG_REWRITE_SRC, p->saddr, v->psnat_port))
 			return mg_drop(MG_DROP_NAT_WRITE);
 		return TC_ACT_OK;
 	case MG_CT_NAT_REV:
 		if (from_client)
 			return TC_ACT_OK;
+		/* The client's own port back, under port SNAT. */
+		if (v->psnat_port && mg_rewrite(skb, p, MG_REWRITE_DST, p->daddr, v->psnat_port))
+			return mg_drop(MG_DROP_NAT_WRITE);
 		/* backend -> client: SNAT back to the frontend the client dialled. A flow that came
 		 * in the tunnel: the reply goes back in it to the ingress node, which holds the
 		 * client's flow (unless DSR: straight to the client). */
@@ -123,6 +131,7 @@ static __always_inline int mg_new_flow(struct __sk_buff *skb, struct mg_pkt *p, 
 	struct mg_nat_fe_val *fe;
 	struct mg_nat_be_val be;
 	struct mg_node_cfg *cfg;
+	__be16 psnat_port = 0;
 	int reason;
 
 	fe = mg_nat_fe_lookup(p->saddr, p->daddr, p->dport, p->proto);
@@ -165,9 +174,11 @@ static __always_inline int mg_new_flow(struct __sk_buff *skb, struct mg_pkt *p, 
 	}
 
 	if (mg_ct_create_nat(p, be.addr, be.port, fe->svc_id,
-			     mg_hook_external(hook) ? MG_CT_F_EXTERNAL : 0, 0, now))
+			     mg_hook_external(hook) ? MG_CT_F_EXTERNAL : 0, 0, now, &psnat_port))
 		return mg_drop(MG_DROP_CT_CREATE);
 	if (mg_rewrite(skb, p, MG_REWRITE_DST, be.addr, be.port))
+		return mg_drop(MG_DROP_NAT_WRITE);
+	if (psnat_port && mg_rewrite(skb, p, MG_REWRITE_SRC, p->saddr, psnat_port))
 		return mg_drop(MG_DROP_NAT_WRITE);
 	mg_count(MG_CNT_NEW_FLOW);
 	mg_debug("new flow svc %u -> %pI4:%u", fe->svc_id, &be.addr, bpf_ntohs(be.port));
@@ -187,6 +198,7 @@ static __always_inline int mg_new_tunnelled_flow(struct __sk_buff *skb, struct m
 	struct mg_nat_be_val be;
 	struct mg_node_cfg *cfg;
 	__u8 flags = MG_CT_F_EXTERNAL | MG_CT_F_FROM_TUNNEL;
+	__be16 psnat_port = 0;
 	int reason;
 
 	fe = mg_nat_fe_lookup_tunnelled(p->saddr, p->daddr, p->dport, p->proto);
@@ -196,11 +208,13 @@ static __always_inline int mg_new_tunnelled_flow(struct __sk_buff *skb, struct m
 	if (reason)
 		return mg_drop(reason);
 	cfg = mg_node_cfg_get();
-	if (cfg && (cfg->flags & MG_CFG_F_DSR))
+	if (cfg && (cfg->flags & MG_CFG_F_DSR) && !mg_dsr_opted_out(p->saddr))
 		flags |= MG_CT_F_DSR;
-	if (mg_ct_create_nat(p, be.addr, be.port, fe->svc_id, flags, ingress, now))
+	if (mg_ct_create_nat(p, be.addr, be.port, fe->svc_id, flags, ingress, now, &psnat_port))
 		return mg_drop(MG_DROP_CT_CREATE);
 	if (mg_rewrite(skb, p, MG_REWRITE_DST, be.addr, be.port))
+		return mg_drop(MG_DROP_NAT_WRITE);
+	if (psnat_port && mg_rewrite(skb, p, MG_REWRITE_SRC, p->saddr, psnat_port))
 		return mg_drop(MG_DROP_NAT_WRITE);
 	mg_count(MG_CNT_NEW_FLOW);
 	mg_debug("tunnelled flow svc %u from %pI4 -> %pI4", fe->svc_id, &ingress, &be.addr);

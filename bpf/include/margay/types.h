@@ -161,9 +161,12 @@ struct mg_ct_val {
 	struct mg_ct_key peer; /* the other entry of the pair (all-zero for MG_CT_NORMAL) */
 	__be32 nat_addr;       /* be: NAT_FWD: backend address; NAT_REV: frontend address */
 	__be16 nat_port;       /* be: NAT_FWD: backend port; NAT_REV: frontend port */
-	__u16 pad;	       /* zero */
-	__be32 tun_addr;       /* be: TUNNEL: the backend's node; FROM_TUNNEL: the ingress node */
-	__u32 pad2;	       /* zero */
+	/* be: the client's port under port SNAT (bpfPSNATPorts), 0 = kept. NAT_FWD: the port the
+	 * client's packets get (with the DNAT); NAT_REV: the client's own port, which the replies
+	 * get back (with the SNAT). Set when another flow already held (client, backend). */
+	__be16 psnat_port;
+	__be32 tun_addr; /* be: TUNNEL: the backend's node; FROM_TUNNEL: the ingress node */
+	__u32 pad2;	 /* zero */
 };
 
 /* === Node configuration (array of one entry, written by the agent) === */
@@ -179,7 +182,21 @@ struct mg_node_cfg {
 	__be32 node_ip; /* be: this node's underlay address: outer source of tunnelled packets, and
 			 * the only outer destination decapsulated; 0 = tunnel off */
 	__u32 flags;	/* host: MG_CFG_F_* */
+	/* host: bpfPSNATPorts, the client source ports a new flow gets when its (client, backend)
+	 * is taken by another flow (two ingress nodes, or two frontends, sent the same client
+	 * address and port to one backend). 0..0 = no port SNAT: the second flow is dropped. */
+	__u16 psnat_first;
+	__u16 psnat_last;
 };
+
+/* How many random ports of the bpfPSNATPorts range a new flow tries before giving up. */
+#define MG_PSNAT_TRIES 8
+
+/*
+ * bpfDSROptoutCIDRs (LPM trie mg_dsr_optout, key struct mg_route_key, value __u32 1): in DSR mode,
+ * flows of clients in these networks are served the Tunnel way (replies back through the ingress
+ * node), e.g. clients whose network drops packets from a frontend address it did not route.
+ */
 
 /* The tunnel between nodes for external clients (Calico's values): VXLAN on UDP 4789 with a
  * reserved VNI, so that a VXLAN device of the pod network on the same port is not confused. */

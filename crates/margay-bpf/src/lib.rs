@@ -59,6 +59,12 @@ pub enum Error {
         path: PathBuf,
         source: aya::pin::PinError,
     },
+    #[error("{what}: {count} entries, at most {max} fit")]
+    TooMany {
+        what: &'static str,
+        count: usize,
+        max: usize,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -450,6 +450,13 @@ fn expected_maps(sizes: &MapSizes) -> Vec<(&'static str, MapType, usize, usize, 
             size_of::<NodeConfig>(),
             1,
         ),
+        (
+            names::DSR_OPTOUT,
+            MapType::LpmTrie,
+            size_of::<RouteKey>(),
+            4,
+            node_config::DSR_OPTOUT_MAX,
+        ),
     ]
 }
 

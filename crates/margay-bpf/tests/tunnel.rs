@@ -869,3 +869,185 @@ fn a_gso_packet_is_not_held_to_the_mtu() {
     assert!(Vxlan::parse(&r.packet).is_none(), "not tunnelled");
     assert_eq!(a.counter(Reason::TooBig), 1);
 }
+
+/// The inner frame of a tunnelled output, checked: VXLAN from `src` to `dst`, inner checksums.
+fn tunnelled(r: &TcRun, src: Ipv4Addr, dst: Ipv4Addr, what: &str) -> common::packet::Parsed {
+    let v = Vxlan::parse(&r.packet).unwrap_or_else(|| panic!("{what}: not VXLAN"));
+    assert_eq!((v.src, v.dst), (src, dst), "{what}: outer addresses");
+    let inner = parse(&v.inner);
+    assert!(
+        inner.ip_csum_ok && inner.l4_csum_ok,
+        "{what}: inner checksums {inner:?}"
+    );
+    inner
+}
+
+/// bpfPSNATPorts: two ingress nodes (A, and C whose frame is built here) send the same client
+/// address and port, each to the NodePort on its own address, to the same pod on B. B's second
+/// flow gets a client port from the range instead of overwriting the first one's reverse entry;
+/// each reply goes back to its own ingress node with the client's own port; established packets
+/// keep the port, with one conntrack lookup.
+#[test]
+fn two_ingress_nodes_one_client_tuple_get_a_psnat_port() {
+    if !common::privileged("two_ingress_nodes_one_client_tuple_get_a_psnat_port") {
+        return;
+    }
+    const C_MAC: Mac = [0x02, 0x0c, 0, 0, 0, 0x01];
+    let (a, mut b) = two_nodes();
+    b.h.maps
+        .node_config
+        .set(&NodeConfig::new(NODE_B, ExternalServiceMode::Tunnel).with_psnat_ports(20000, 29999))
+        .expect("node config");
+    let via_a = (NODE_A, NODE_PORT);
+    let via_c = (NODE_C, NODE_PORT);
+
+    // Flow 1, client -> A's NodePort, tunnelled by A, DNATed on B: the client's own port.
+    let r = a.run(
+        TcProgram::FromHostIface,
+        &from_client(&Pkt::tcp(CLIENT, via_a, SYN)),
+    );
+    assert_eq!(r.verdict, TC_ACT_REDIRECT);
+    let r = b.run(TcProgram::FromHostIface, &r.packet);
+    assert_eq!(r.verdict, TC_ACT_OK, "flow 1 on B");
+    let got = parse(&r.packet);
+    assert_eq!((got.src, got.dst), (CLIENT, POD), "flow 1 keeps its port");
+
+    // Flow 2, the same client address and port -> C's NodePort, tunnelled by C.
+    let syn2 = with_macs(&Pkt::tcp(CLIENT, via_c, SYN).bytes(), C_MAC, ROUTER_MAC);
+    let frame2 = Vxlan::new((B_MAC, C_MAC), NODE_C, NODE_B, 50001, &syn2).bytes();
+    let r = b.run(TcProgram::FromHostIface, &frame2);
+    assert_eq!(r.verdict, TC_ACT_OK, "flow 2 on B");
+    let got = parse(&r.packet);
+    assert!(got.ip_csum_ok && got.l4_csum_ok, "flow 2 checksums {got:?}");
+    assert_eq!((got.src.0, got.dst), (CLIENT.0, POD), "flow 2 addresses");
+    let psnat = got.src.1;
+    assert!(
+        (20000..=29999).contains(&psnat),
+        "flow 2 got port {psnat}, not one of bpfPSNATPorts"
+    );
+    let rev2 = b
+        .ct(Protocol::Tcp, (CLIENT.0, psnat), POD)
+        .expect("flow 2's reverse entry");
+    assert_eq!(
+        rev2.psnat_port.to_be(),
+        CLIENT.1,
+        "the client's own port kept"
+    );
+    assert_eq!(rev2.tunnel_node(), Some(NODE_C));
+    let rev1 = b
+        .ct(Protocol::Tcp, CLIENT, POD)
+        .expect("flow 1's reverse entry");
+    assert_eq!(rev1.tunnel_node(), Some(NODE_A), "flow 1 not overwritten");
+
+    // Replies: each to its own ingress node, from the NodePort the client dialled, to the
+    // client's own port.
+    let r = b.run(
+        TcProgram::FromWorkload,
+        &Pkt::tcp(POD, (CLIENT.0, psnat), SYN | ACK).bytes(),
+    );
+    assert_eq!(r.verdict, TC_ACT_REDIRECT, "flow 2 reply");
+    let inner = tunnelled(&r, NODE_B, NODE_C, "flow 2 reply");
+    assert_eq!((inner.src, inner.dst), (via_c, CLIENT));
+    let r = b.run(
+        TcProgram::FromWorkload,
+        &Pkt::tcp(POD, CLIENT, SYN | ACK).bytes(),
+    );
+    assert_eq!(r.verdict, TC_ACT_REDIRECT, "flow 1 reply");
+    let inner = tunnelled(&r, NODE_B, NODE_A, "flow 1 reply");
+    assert_eq!((inner.src, inner.dst), (via_a, CLIENT));
+
+    // Established: flow 2's next packet gets the same port, from its conntrack entry alone.
+    b.h.maps
+        .nat_frontends
+        .remove(&NatFrontendKey::node_port_any(NODE_PORT, Protocol::Tcp))
+        .expect("remove wildcard");
+    let ack2 = with_macs(&Pkt::tcp(CLIENT, via_c, ACK).bytes(), C_MAC, ROUTER_MAC);
+    let frame = Vxlan::new((B_MAC, C_MAC), NODE_C, NODE_B, 50001, &ack2).bytes();
+    let r = b.run(TcProgram::FromHostIface, &frame);
+    assert_eq!(r.verdict, TC_ACT_OK);
+    let got = parse(&r.packet);
+    assert!(got.ip_csum_ok && got.l4_csum_ok);
+    assert_eq!((got.src, got.dst), ((CLIENT.0, psnat), POD), "established");
+
+    // Without a range (0:0) a third such flow cannot be served: dropped, counted.
+    b.h.maps
+        .node_config
+        .set(&NodeConfig::new(NODE_B, ExternalServiceMode::Tunnel))
+        .expect("node config");
+    let fe =
+        b.h.maps
+            .nat_frontends
+            .lookup(&NatFrontendKey::new(NODE_B, NODE_PORT, Protocol::Tcp, None))
+            .expect("lookup")
+            .expect("B's NodePort");
+    b.h.maps
+        .nat_frontends
+        .insert(
+            &NatFrontendKey::node_port_any(NODE_PORT, Protocol::Tcp),
+            &fe,
+        )
+        .expect("wildcard back");
+    let via_x = (Ipv4Addr::new(192, 168, 50, 9), NODE_PORT);
+    let syn3 = with_macs(&Pkt::tcp(CLIENT, via_x, SYN).bytes(), C_MAC, ROUTER_MAC);
+    let before = b.counter(Reason::CtCreate);
+    let r = b.run(
+        TcProgram::FromHostIface,
+        &Vxlan::new((B_MAC, C_MAC), NODE_C, NODE_B, 50002, &syn3).bytes(),
+    );
+    assert_eq!(r.verdict, TC_ACT_SHOT, "no port SNAT range: dropped");
+    assert_eq!(b.counter(Reason::CtCreate), before + 1);
+}
+
+/// bpfDSROptoutCIDRs: in DSR mode, a client inside an opted-out network is served the Tunnel
+/// way (its reply goes back in the tunnel to the ingress node); one outside it the DSR way.
+#[test]
+fn dsr_optout_cidrs_are_served_the_tunnel_way() {
+    if !common::privileged("dsr_optout_cidrs_are_served_the_tunnel_way") {
+        return;
+    }
+    let (a, mut b) = two_nodes();
+    b.h.maps
+        .node_config
+        .set(&NodeConfig::new(NODE_B, ExternalServiceMode::Dsr))
+        .expect("dsr");
+    b.h.maps
+        .dsr_optout
+        .set(&["203.0.113.0/24".parse().expect("net")])
+        .expect("optout");
+    let other: (Ipv4Addr, u16) = (Ipv4Addr::new(198, 18, 0, 5), 6000);
+    for (client, opted_out) in [(CLIENT, true), (other, false)] {
+        let r = a.run(
+            TcProgram::FromHostIface,
+            &from_client(&Pkt::tcp(client, LB, SYN)),
+        );
+        assert_eq!(r.verdict, TC_ACT_REDIRECT);
+        let r = b.run(TcProgram::FromHostIface, &r.packet);
+        assert_eq!(r.verdict, TC_ACT_OK, "{client:?}: DNAT on B");
+        let rev = b.ct(Protocol::Tcp, client, POD).expect("reverse entry");
+        assert_eq!(
+            rev.flags & F_DSR == 0,
+            opted_out,
+            "{client:?}: DSR flag {:#x}",
+            rev.flags
+        );
+        let r = b.run(
+            TcProgram::FromWorkload,
+            &Pkt::tcp(POD, client, SYN | ACK).bytes(),
+        );
+        if opted_out {
+            assert_eq!(r.verdict, TC_ACT_REDIRECT, "opted out: back in the tunnel");
+            let inner = tunnelled(&r, NODE_B, NODE_A, "opted-out reply");
+            assert_eq!((inner.src, inner.dst), (LB, client));
+        } else {
+            assert_eq!(r.verdict, TC_ACT_OK, "DSR: out through B's own routes");
+            assert_eq!(parse(&r.packet).src, LB);
+        }
+    }
+    assert_eq!(
+        b.h.maps.dsr_optout.get().expect("get").len(),
+        1,
+        "one network"
+    );
+    b.h.maps.dsr_optout.set(&[]).expect("clear");
+    assert!(b.h.maps.dsr_optout.get().expect("get").is_empty());
+}

@@ -378,6 +378,20 @@ impl BpfNatDriver {
         self.host_ports = lists;
     }
 
+    /// Sets `bpfDSROptoutCIDRs`: in DSR mode, clients in these networks are served the Tunnel
+    /// way. Written by difference; IPv6 networks are not for this IPv4 dataplane and are skipped.
+    pub fn set_dsr_optout(&mut self, nets: &[ipnet::IpNet]) -> Result<(), BpfError> {
+        let v4: Vec<ipnet::Ipv4Net> = nets
+            .iter()
+            .filter_map(|n| match n {
+                ipnet::IpNet::V4(n) => Some(*n),
+                ipnet::IpNet::V6(_) => None,
+            })
+            .collect();
+        self.maps.dsr_optout.set(&v4)?;
+        Ok(())
+    }
+
     /// Tells the driver where other nodes are (node name -> address): backends on those nodes
     /// are written with their node, which the programs' Tunnel mode sends external flows to.
     pub fn set_peer_nodes(&mut self, peers: BTreeMap<String, Ipv4Addr>) {

@@ -565,7 +565,7 @@ fn conntrack_cleanup_removes_expired_orphaned_and_stale_flows() {
             peer: rk,
             nat_addr: be_addr(back.0),
             nat_port: be_port(back.1),
-            pad: 0,
+            psnat_port: 0,
             ..CtValue::default()
         };
         let rev = CtValue {
@@ -887,7 +887,7 @@ fn scale_ten_thousand_services() {
             peer: rk,
             nat_addr: be_addr(back.0),
             nat_port: be_port(back.1),
-            pad: 0,
+            psnat_port: 0,
             ..CtValue::default()
         };
         let rev = CtValue {

@@ -201,10 +201,25 @@ impl BpfDataplane {
             }
             _ => margay_bpf::maps::ExternalServiceMode::Tunnel,
         };
+        // bpfPSNATPorts: the ports a second flow with the same client address and port to the
+        // same backend gets (Calico's default 20000:29999).
+        let (psnat_first, psnat_last) = felix
+            .bpf_psnat_ports
+            .as_ref()
+            .map_or((20000, 29999), |r| (r.first, r.last));
         if let Some(ip) = node_ips.first() {
-            self.driver
-                .set_node_config(&margay_bpf::maps::NodeConfig::new(*ip, mode))?;
+            self.driver.set_node_config(
+                &margay_bpf::maps::NodeConfig::new(*ip, mode)
+                    .with_psnat_ports(psnat_first, psnat_last),
+            )?;
         }
+        let optout: Vec<ipnet::IpNet> = felix
+            .bpf_dsr_optout_cidrs
+            .iter()
+            .flatten()
+            .map(margay_api::values::Cidr::net)
+            .collect();
+        self.driver.set_dsr_optout(&optout)?;
         let routes = desired_routes(node, node_ips, &peers, pools, blocks, &local_workloads()?);
         let route_changes = self.write_routes(routes)?;
         self.driver.set_peer_nodes(peers);

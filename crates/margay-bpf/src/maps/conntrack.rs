@@ -117,7 +117,10 @@ pub struct CtValue {
     pub nat_addr: u32,
     /// be
     pub nat_port: u16,
-    pub pad: u16,
+    /// be: the client's port under port SNAT (`bpfPSNATPorts`), 0 = kept. [`CtType::NatFwd`]:
+    /// the port the client's packets get; [`CtType::NatRev`]: the client's own port, which the
+    /// replies get back.
+    pub psnat_port: u16,
     /// be: [`CtType::Tunnel`]: the backend's node; with [`F_FROM_TUNNEL`]: the ingress node;
     /// 0 otherwise.
     pub tun_addr: u32,

@@ -32,7 +32,7 @@ pub use nat::{
     Affinity, AffinityKey, AffinityValue, NatBackendKey, NatBackendValue, NatBackends,
     NatFrontendKey, NatFrontendValue, NatFrontends, Protocol,
 };
-pub use node_config::{ExternalServiceMode, NodeConfig, NodeConfigMap};
+pub use node_config::{DsrOptout, ExternalServiceMode, NodeConfig, NodeConfigMap};
 pub use routes::{RouteKey, RouteValue, Routes};
 
 /// Implements `aya::Pod` for a `#[repr(C)]` mirror of a C struct.
@@ -102,7 +102,7 @@ pub fn shared_layouts() -> Vec<StructLayout> {
                 peer,
                 nat_addr,
                 nat_port,
-                pad,
+                psnat_port,
                 tun_addr,
                 pad2
             ]
@@ -113,7 +113,11 @@ pub fn shared_layouts() -> Vec<StructLayout> {
         rust_layout!(IfStateValue, "mg_ifstate_val", [flags, name]),
         rust_layout!(CtlbRevKey, "mg_ctlb_rev_key", [cookie, addr, port, pad]),
         rust_layout!(CtlbRevValue, "mg_ctlb_rev_val", [addr, port, pad]),
-        rust_layout!(NodeConfig, "mg_node_cfg", [node_ip, flags]),
+        rust_layout!(
+            NodeConfig,
+            "mg_node_cfg",
+            [node_ip, flags, psnat_first, psnat_last]
+        ),
     ]
 }
 
@@ -128,8 +132,9 @@ pub mod names {
     pub const COUNTERS: &str = "mg_counters";
     pub const CTLB_REV: &str = "mg_ctlb_rev";
     pub const NODE_CONFIG: &str = "mg_node_cfg";
+    pub const DSR_OPTOUT: &str = "mg_dsr_optout";
     /// Every map the programs share, pinned by name in the pin directory.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         NAT_FRONTEND,
         NAT_BACKEND,
         NAT_AFFINITY,
@@ -139,6 +144,7 @@ pub mod names {
         COUNTERS,
         CTLB_REV,
         NODE_CONFIG,
+        DSR_OPTOUT,
     ];
 }
 
@@ -212,6 +218,7 @@ pub struct Maps {
     pub counters: Counters,
     pub ctlb_rev: CtlbRev,
     pub node_config: NodeConfigMap,
+    pub dsr_optout: DsrOptout,
 }
 
 impl Maps {
@@ -227,6 +234,7 @@ impl Maps {
             counters: Counters::new(open_pinned(pin_dir, names::COUNTERS)?)?,
             ctlb_rev: CtlbRev::new(open_pinned(pin_dir, names::CTLB_REV)?)?,
             node_config: NodeConfigMap::new(open_pinned(pin_dir, names::NODE_CONFIG)?)?,
+            dsr_optout: DsrOptout::new(open_pinned(pin_dir, names::DSR_OPTOUT)?)?,
         })
     }
 }
