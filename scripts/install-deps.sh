@@ -27,6 +27,7 @@ packages=(
   etcd-client       # etcdctl, to check the key layout as Calico's tools see it
   protobuf-compiler # protoc, for the etcd client's gRPC code
   libprotobuf-dev   # the well-known .proto files protoc needs for etcd's API
+  fonts-dejavu-core # DejaVu Sans, the font of margay-lab bench's PNG plots
 )
 
 missing=()

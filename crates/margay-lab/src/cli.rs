@@ -58,6 +58,10 @@ pub enum Command {
     /// Stop or start the lab's own etcd (`up --datastore etcd`), for outage drills.
     #[command(subcommand)]
     Etcd(EtcdCommand),
+    /// Benchmarks on a lab of its own: pod IP, ClusterIP in both dataplanes, NodePort and
+    /// LoadBalancer, at 1 to 50,000 Services; programming time, endpoint changes, memory,
+    /// throughput, a switch under load, BPF per-packet cost. Writes JSON, Markdown and PNG plots.
+    Bench(BenchArgs),
     /// TCP echo server answering each connection with the peer address (for tests).
     #[command(hide = true)]
     InternalEcho(EchoArgs),
@@ -84,6 +88,23 @@ pub struct UpArgs {
     /// Build only the network (no datastore, agents or cluster DNS).
     #[arg(long)]
     pub infrastructure_only: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The short run (1 and 1,000 Services, 1 s loads, under two minutes), as CI runs it.
+    #[arg(long)]
+    pub quick: bool,
+    /// Where bench.json, bench.md and the plots go.
+    #[arg(long, default_value = "bench-results", value_name = "DIR")]
+    pub out: std::path::PathBuf,
+    /// The numbers of extra Services to measure at, comma-separated (default 1,1000,10000,50000;
+    /// with --quick 1,1000).
+    #[arg(long, value_name = "N,N,...")]
+    pub services: Option<String>,
+    /// Leave the lab up at the end.
+    #[arg(long)]
+    pub keep: bool,
 }
 
 #[derive(Debug, Args)]

@@ -2,6 +2,7 @@
 //! and `client` can pass their command's status through.
 
 mod apply;
+mod bench;
 mod client;
 mod down;
 mod etcd;
@@ -34,6 +35,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Client(args) => client::run(name, margay_lab::Target::Client, &args),
         Command::Etcd(command) => etcd::run(name, command),
         Command::Router(args) => client::run(name, margay_lab::Target::Router, &args),
+        Command::Bench(args) => bench::run(name, &args),
         Command::InternalEcho(args) => internal::echo(&args),
         Command::InternalConnect(args) => internal::connect(&args),
     }

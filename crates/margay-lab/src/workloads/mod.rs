@@ -11,6 +11,7 @@
 //! | `*yaobank-database` | `margay-demo-app database` |
 //! | `*coredns`, `*k8s-dns-*`, `*dnsmasq*` | `dnsmasq` serving the lab's cluster DNS records |
 //! | `*margay/echo`, `*agnhost` | `margay-demo-app echo` on the container's ports |
+//! | `*margay/loadserver` | `margay-demo-app load-server` on the first port (the benchmark's server) |
 //!
 //! Anything else is refused with a message saying how to give the container a command.
 
@@ -112,9 +113,16 @@ pub fn container_process(
             argv.push(port.to_string());
         }
         argv
+    } else if base.ends_with("margay/loadserver") {
+        vec![
+            demo(),
+            "load-server".into(),
+            "--port".into(),
+            first_port(9000).to_string(),
+        ]
     } else {
         return Err(format!(
-            "container {:?}: the lab cannot pull image {image:?}; give the container a command (it runs directly in the pod's namespace), or use one of the images the lab maps (yaobank, coredns, margay/echo)",
+            "container {:?}: the lab cannot pull image {image:?}; give the container a command (it runs directly in the pod's namespace), or use one of the images the lab maps (yaobank, coredns, margay/echo, margay/loadserver)",
             container.name
         ));
     };
