@@ -100,6 +100,13 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mg_dsr_optout SEC(".maps");
 
+/* Packet decisions for bpfLogLevel: Debug (struct mg_log_event), read by the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, MG_LOG_RING_BYTES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mg_log SEC(".maps");
+
 /* Node configuration: one entry (key 0), written by the agent. An array lookup with a constant
  * key is inlined by the verifier: it costs no helper call. */
 struct {

@@ -244,9 +244,14 @@ static __always_inline int mg_icmp(struct __sk_buff *skb, enum mg_hook hook, __b
 	return mg_icmp_forward(skb, cfg->node_ip, (__be32)rc);
 }
 
-static __always_inline int mg_tc(struct __sk_buff *skb, enum mg_hook hook)
+/*
+ * Everything about one packet, `p` its parse result. `in` receives a copy of it as it arrived
+ * (after decapsulation; untouched when not parsed) and `tun_src` the node it came in the tunnel
+ * from, for the debug log.
+ */
+static __always_inline int mg_tc_body(struct __sk_buff *skb, enum mg_hook hook, struct mg_pkt *pp,
+				      struct mg_pkt *in, __be32 *tun_from)
 {
-	struct mg_pkt p = {};
 	struct mg_ct_key key;
 	struct mg_ct_val *v;
 	struct mg_node_cfg *cfg;
@@ -255,40 +260,54 @@ static __always_inline int mg_tc(struct __sk_buff *skb, enum mg_hook hook)
 	int parsed;
 	__u64 now;
 
-	parsed = mg_parse_ipv4(skb, &p);
+	parsed = mg_parse_ipv4(skb, pp);
 	if (parsed == MG_PARSE_DROP)
 		return mg_drop(MG_DROP_SHORT);
 	if (parsed == MG_PARSE_PASS)
 		return TC_ACT_OK;
 
 	/* Our tunnel to this node: continue with the packet inside, remembering who sent it. */
-	if (hook == MG_HOOK_FROM_HEP && parsed == MG_PARSE_OK && mg_tunnel_maybe(&p)) {
+	if (hook == MG_HOOK_FROM_HEP && parsed == MG_PARSE_OK && mg_tunnel_maybe(pp)) {
 		cfg = mg_node_cfg_get();
-		if (cfg && mg_tunnel_is_ours(skb, &p, cfg)) {
-			tun_src = p.saddr;
-			if (mg_tunnel_decap(skb, &p))
+		if (cfg && mg_tunnel_is_ours(skb, pp, cfg)) {
+			tun_src = pp->saddr;
+			if (mg_tunnel_decap(skb, pp))
 				return mg_drop(MG_DROP_ENCAP);
-			parsed = mg_parse_ipv4(skb, &p);
+			parsed = mg_parse_ipv4(skb, pp);
 			if (parsed == MG_PARSE_DROP)
 				return mg_drop(MG_DROP_SHORT);
 			if (parsed == MG_PARSE_PASS)
 				return mg_drop(MG_DROP_TUNNEL_NO_FLOW);
 		}
 	}
+	*in = *pp;
+	*tun_from = tun_src;
 	/* One call site for both (clang's stack slot sharing fails with two). */
 	if (parsed == MG_PARSE_ICMP)
 		return mg_icmp(skb, hook, tun_src, &key);
 
-	src_is_b = mg_ct_key_fill(&key, p.proto, p.saddr, p.sport, p.daddr, p.dport);
+	src_is_b = mg_ct_key_fill(&key, pp->proto, pp->saddr, pp->sport, pp->daddr, pp->dport);
 	v = bpf_map_lookup_elem(&mg_ct, &key);
 	now = bpf_ktime_get_ns();
 	if (v)
-		return mg_ct_hit(skb, &p, v, src_is_b, hook, tun_src, now);
+		return mg_ct_hit(skb, pp, v, src_is_b, hook, tun_src, now);
 	if (tun_src)
-		return mg_new_tunnelled_flow(skb, &p, tun_src, now);
+		return mg_new_tunnelled_flow(skb, pp, tun_src, now);
 	if (!mg_hook_opens_flows(hook))
 		return TC_ACT_OK;
-	return mg_new_flow(skb, &p, hook, now);
+	return mg_new_flow(skb, pp, hook, now);
+}
+
+static __always_inline int mg_tc(struct __sk_buff *skb, enum mg_hook hook)
+{
+	struct mg_pkt p = {}, in = {};
+	__be32 tun_src = 0;
+	int verdict = mg_tc_body(skb, hook, &p, &in, &tun_src);
+
+	/* bpfLogLevel Debug: the one branch Off and Info pay. */
+	if (mg_log_debug)
+		mg_log_decision(skb, hook, &in, &p, tun_src, verdict);
+	return verdict;
 }
 
 SEC("classifier")

@@ -279,6 +279,32 @@ enum mg_reason {
 /* skb->mark bit for a TCP packet of a flow BPF does not know (left to the kernel's conntrack). */
 #define MG_MARK_FALLTHROUGH 0x01000000u
 
+/*
+ * One packet decision of a TC program (bpfLogLevel: Debug), written to the ring buffer mg_log
+ * only while the agent has set the TC object's global `mg_log_debug` (lib/log.h); read and
+ * logged by the agent (one line each). The tuple as the packet arrived and as it left.
+ */
+struct mg_log_event {
+	__u64 ts_ns;	  /* host: bpf_ktime_get_ns() */
+	__u32 ifindex;	  /* host: skb->ifindex */
+	__u8 hook;	  /* host: the program, enum mg_hook in progs/tc.c (MG_LOG_HOOK_*) */
+	__u8 proto;	  /* IPPROTO_* of the packet (ICMP: the outer header) */
+	__u8 verdict;	  /* TC verdict returned */
+	__u8 pad;	  /* zero */
+	__be32 saddr;	  /* be: as it arrived (after decapsulation when tunnelled) */
+	__be32 daddr;	  /* be */
+	__be16 sport;	  /* be: 0 for ICMP */
+	__be16 dport;	  /* be */
+	__be32 out_saddr; /* be: as it left (tunnel headers not included) */
+	__be32 out_daddr; /* be */
+	__be16 out_sport; /* be */
+	__be16 out_dport; /* be */
+	__be32 tun_src;	  /* be: the node it came from in the tunnel, 0 if not */
+};
+
+/* Size of the ring buffer mg_log in bytes (a power of two, a multiple of the page size). */
+#define MG_LOG_RING_BYTES (256 * 1024)
+
 /* Log levels, the values of the load-time constant `mg_log_level`. */
 #define MG_LOG_OFF   0
 #define MG_LOG_INFO  1

@@ -42,6 +42,8 @@ pub enum Error {
         name: &'static str,
         source: Box<aya::programs::ProgramError>,
     },
+    #[error("map {0} is missing from the object")]
+    MissingMap(&'static str),
     #[error("program {0} is missing from the object")]
     MissingProgram(&'static str),
     #[error("map {name}: {source}")]

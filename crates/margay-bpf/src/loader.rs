@@ -38,6 +38,9 @@ impl LogLevel {
     }
 }
 
+/// `MG_LOG_RING_BYTES`: the size of the debug log ring buffer `mg_log`.
+pub const LOG_RING_BYTES: u32 = 256 * 1024;
+
 /// What to load and where to pin.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -265,6 +268,19 @@ impl Dataplane {
         &self.replaced_maps
     }
 
+    /// Switches the debug log of packet decisions (`bpfLogLevel: Debug`) on or off at once for
+    /// every TC program of this load: the TC object's global `mg_log_debug` (its `.bss`), the
+    /// one branch the fast path pays when it is off. Read the events with
+    /// [`maps::DecisionLog`].
+    pub fn set_debug_log(&mut self, on: bool) -> Result<(), Error> {
+        let name = ".bss";
+        let map = self.tc.map_mut(name).ok_or(Error::MissingMap(name))?;
+        let mut bss: aya::maps::Array<&mut aya::maps::MapData, u32> =
+            aya::maps::Array::try_from(map).map_err(|source| Error::Map { name, source })?;
+        bss.set(0, u32::from(on), 0)
+            .map_err(|source| Error::Map { name, source })
+    }
+
     /// Opens the typed maps (from their pins).
     pub fn maps(&self) -> Result<maps::Maps, Error> {
         maps::Maps::open(&self.pin_dir)
@@ -450,6 +466,7 @@ fn expected_maps(sizes: &MapSizes) -> Vec<(&'static str, MapType, usize, usize, 
             size_of::<NodeConfig>(),
             1,
         ),
+        (names::LOG, MapType::RingBuf, 0, 0, LOG_RING_BYTES),
         (
             names::DSR_OPTOUT,
             MapType::LpmTrie,

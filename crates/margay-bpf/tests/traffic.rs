@@ -619,3 +619,58 @@ mod tunnel {
         client_keeps_its_address(ExternalServiceMode::Dsr);
     }
 }
+
+/// bpfLogLevel Debug: with the log on, real traffic through a ClusterIP leaves one event per
+/// packet decision in `mg_log` (the DNAT of the client's packets, the SNAT of the replies, each
+/// with its program and interface); with it off, none.
+#[test]
+fn debug_log_has_one_line_per_packet_decision() {
+    if !common::privileged("debug_log_has_one_line_per_packet_decision") {
+        return;
+    }
+    let mut h = Harness::new();
+    let t = Topology::new();
+    seed_service(&mut h);
+    let _links = attach_node_programs(&mut h, &t, TcMode::Auto);
+    let mut log = margay_bpf::maps::DecisionLog::open(h.dp.pin_dir()).expect("open mg_log");
+
+    h.dp.set_debug_log(true).expect("debug on");
+    let (seen, _) = tcp_through_clusterip(&t);
+    let events = log.drain();
+    let lines: Vec<String> = events.iter().map(ToString::to_string).collect();
+    let pod_b: Ipv4Addr = POD_B_IP.parse().expect("ip");
+    let veth_a = t.node.ifindex(VETH_A);
+    let client_port: u16 = seen
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let syn = format!(
+        "mg_from_wl if={veth_a} tcp {POD_A_IP}:{client_port} -> {}:{}: dnat to {pod_b}:{BE_PORT}, pass",
+        SVC.0, SVC.1
+    );
+    assert!(
+        lines.contains(&syn),
+        "the client's DNATed packets are logged: {syn:?} not in {lines:#?}"
+    );
+    let reply = format!(
+        "mg_from_wl if={} tcp {pod_b}:{BE_PORT} -> {POD_A_IP}:{client_port}: snat to {}:{}, pass",
+        t.node.ifindex(VETH_B),
+        SVC.0,
+        SVC.1
+    );
+    assert!(
+        lines.contains(&reply),
+        "the backend's SNATed replies are logged: {reply:?} not in {lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("mg_to_wl ")),
+        "the to_wl decisions too: {lines:#?}"
+    );
+    // Every packet of the exchange crossed 2 programs on this node: as many events as decisions.
+    assert!(events.len() >= 8, "{} events", events.len());
+
+    h.dp.set_debug_log(false).expect("debug off");
+    let _ = tcp_through_clusterip(&t);
+    assert_eq!(log.drain(), Vec::new(), "log off: no event");
+}

@@ -357,3 +357,91 @@ fn agent_crash_under_load_keeps_connections_and_requests_and_adopts_the_maps() {
         );
     }
 }
+
+/// `bpfLogLevel: Debug` on a running BPF lab: the agent switches the programs' decision log on
+/// and its log gets one line per packet decision for real traffic (the external client's
+/// request to the NodePort on node-1, DNATed to the pod there); back to Off, no more lines.
+#[test]
+fn bpf_log_level_debug_logs_packet_decisions_in_the_agent_log() {
+    if skip_unless_root("bpf_log_level_debug_logs_packet_decisions_in_the_agent_log") {
+        return;
+    }
+    let lab = TestLab::up("dl", &["--dataplane", "bpf"]);
+    lab.apply(WEB);
+    let web = lab.jsonpath(&["pod", "web", "-n", "ops"], "{.status.podIP}");
+    let log_path = format!("/run/margay-lab/{}/logs/agent-node-1.log", lab.name);
+    let agent_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let decisions = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("bpf decision: mg_from_hep") && l.contains(":30090: dnat to "))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let url = format!("http://{NODE_1}:30090/");
+    let get = || {
+        lab.run(&[
+            "client",
+            "--",
+            "curl",
+            "-s",
+            "-m",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url,
+        ])
+    };
+    assert!(
+        decisions(&agent_log()).is_empty(),
+        "Off by default: no decision lines"
+    );
+
+    let patch = |level: &str| {
+        lab.margayctl(&[
+            "--allow-version-mismatch",
+            "patch",
+            "felixconfiguration",
+            "default",
+            "--type=merge",
+            "-p",
+            &format!(r#"{{"spec":{{"bpfLogLevel":"{level}"}}}}"#),
+        ])
+    };
+    patch("Debug");
+    // The agent applies the change at its next sync; then a request's packets are logged.
+    let mut lines = Vec::new();
+    for _ in 0..30 {
+        let out = get();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "200",
+            "request answered"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        lines = decisions(&agent_log());
+        if !lines.is_empty() {
+            break;
+        }
+    }
+    println!("{}", lines.join("\n"));
+    assert!(
+        lines.iter().any(
+            |l| l.contains(&format!("{CLIENT}:")) && l.contains(&format!("dnat to {web}:8081"))
+        ),
+        "a line for the client's request DNATed to the pod: {lines:#?}"
+    );
+
+    patch("Off");
+    std::thread::sleep(Duration::from_secs(3));
+    let before = decisions(&agent_log()).len();
+    let out = get();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        decisions(&agent_log()).len(),
+        before,
+        "Off again: no new decision lines"
+    );
+}

@@ -38,6 +38,42 @@ pub struct BpfDataplane {
     /// What `mg_routes` holds (adopted from the pin at start, then kept by difference).
     routes: BTreeMap<Ipv4Net, RouteValue>,
     last_scan: Instant,
+    /// `bpfLogLevel: Debug` as last written to the programs.
+    debug_log: bool,
+    /// Stops the thread that logs the programs' packet decisions.
+    log_stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for BpfDataplane {
+    fn drop(&mut self) {
+        self.log_stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// How often the decision log thread empties the ring buffer (it holds 256 KiB: ~6 500 events).
+const DECISION_LOG_POLL: Duration = Duration::from_millis(100);
+
+/// Logs every packet decision the programs write to `mg_log` (only while `bpfLogLevel` is
+/// Debug), one line each, until `stop`.
+fn spawn_decision_log(
+    pin_dir: &Path,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<()> {
+    let mut log = margay_bpf::maps::DecisionLog::open(pin_dir)
+        .context("cannot open the decision log (mg_log)")?;
+    std::thread::Builder::new()
+        .name("bpf-decisions".to_owned())
+        .spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for e in log.drain() {
+                    tracing::info!(target: "margay_node::bpf_decision", "bpf decision: {e}");
+                }
+                std::thread::sleep(DECISION_LOG_POLL);
+            }
+        })
+        .context("cannot start the decision log thread")?;
+    Ok(())
 }
 
 impl std::fmt::Debug for BpfDataplane {
@@ -140,14 +176,34 @@ impl BpfDataplane {
                 "adopted pinned BPF maps"
             );
         }
-        Ok(BpfDataplane {
+        let log_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        spawn_decision_log(&pin_dir, log_stop.clone())?;
+        let mut bpf = BpfDataplane {
             dp,
             driver,
             pin_dir: bpffs.to_owned(),
             attached: BTreeSet::new(),
             routes,
             last_scan: Instant::now(),
-        })
+            debug_log: false,
+            log_stop,
+        };
+        bpf.set_debug_log(felix)?;
+        Ok(bpf)
+    }
+
+    /// `bpfLogLevel: Debug` switches the programs' decision log on (one line per packet in this
+    /// agent's log), anything else off; written when it changes.
+    fn set_debug_log(&mut self, felix: &FelixConfigurationSpec) -> Result<()> {
+        let on = felix.bpf_log_level.level() == margay_api::calico::felix::BpfLogLevel::Debug;
+        if on != self.debug_log {
+            self.dp
+                .set_debug_log(on)
+                .context("cannot switch the decision log")?;
+            self.debug_log = on;
+            tracing::info!(on, "bpfLogLevel Debug: packet decision log");
+        }
+        Ok(())
     }
 
     /// Attaches the TC programs to new interfaces, writes the NAT maps, and now and then removes
@@ -195,6 +251,7 @@ impl BpfDataplane {
         }
         // Tunnel mode: this node's address tells the programs to send external flows for
         // backends on other nodes to those nodes (whose addresses the backends carry).
+        self.set_debug_log(felix)?;
         let mode = match felix.bpf_external_service_mode {
             Some(margay_api::calico::felix::ExternalServiceMode::Dsr) => {
                 margay_bpf::maps::ExternalServiceMode::Dsr

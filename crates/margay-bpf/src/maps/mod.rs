@@ -20,6 +20,7 @@ pub mod conntrack;
 pub mod counters;
 pub mod ctlb;
 pub mod ifstate;
+pub mod log;
 pub mod nat;
 pub mod node_config;
 pub mod routes;
@@ -28,6 +29,7 @@ pub use conntrack::{Conntrack, CtKey, CtType, CtValue};
 pub use counters::{Counters, Reason};
 pub use ctlb::{CtlbRev, CtlbRevKey, CtlbRevValue};
 pub use ifstate::{IfState, IfStateKey, IfStateValue};
+pub use log::{DecisionLog, LogEvent};
 pub use nat::{
     Affinity, AffinityKey, AffinityValue, NatBackendKey, NatBackendValue, NatBackends,
     NatFrontendKey, NatFrontendValue, NatFrontends, Protocol,
@@ -114,6 +116,14 @@ pub fn shared_layouts() -> Vec<StructLayout> {
         rust_layout!(CtlbRevKey, "mg_ctlb_rev_key", [cookie, addr, port, pad]),
         rust_layout!(CtlbRevValue, "mg_ctlb_rev_val", [addr, port, pad]),
         rust_layout!(
+            LogEvent,
+            "mg_log_event",
+            [
+                ts_ns, ifindex, hook, proto, verdict, pad, saddr, daddr, sport, dport, out_saddr,
+                out_daddr, out_sport, out_dport, tun_src
+            ]
+        ),
+        rust_layout!(
             NodeConfig,
             "mg_node_cfg",
             [node_ip, flags, psnat_first, psnat_last]
@@ -133,8 +143,9 @@ pub mod names {
     pub const CTLB_REV: &str = "mg_ctlb_rev";
     pub const NODE_CONFIG: &str = "mg_node_cfg";
     pub const DSR_OPTOUT: &str = "mg_dsr_optout";
+    pub const LOG: &str = "mg_log";
     /// Every map the programs share, pinned by name in the pin directory.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         NAT_FRONTEND,
         NAT_BACKEND,
         NAT_AFFINITY,
@@ -145,6 +156,7 @@ pub mod names {
         CTLB_REV,
         NODE_CONFIG,
         DSR_OPTOUT,
+        LOG,
     ];
 }
 
