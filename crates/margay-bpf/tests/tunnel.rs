@@ -15,7 +15,7 @@ use std::net::Ipv4Addr;
 
 use common::{
     Harness, Netns,
-    packet::{ACK, Mac, Pkt, SYN, Vxlan, icmp_too_big, macs, parse, with_macs},
+    packet::{ACK, Mac, Pkt, SYN, Vxlan, icmp_error, icmp_too_big, macs, parse, with_macs},
 };
 use margay_bpf::{
     TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TcProgram, TcRun, TcRunContext,
@@ -1050,4 +1050,69 @@ fn dsr_optout_cidrs_are_served_the_tunnel_way() {
     );
     b.h.maps.dsr_optout.set(&[]).expect("clear");
     assert!(b.h.maps.dsr_optout.get().expect("get").is_empty());
+}
+
+/// ICMP errors about a tunnelled flow, both ways: the pod's port unreachable about the client's
+/// datagram is translated on B (from the LB IP, quoting the datagram the client sent) and sent
+/// back in the tunnel to A, which forwards it to the client; a router's "fragmentation needed"
+/// about a reply, arriving at A, goes in the tunnel to B, which translates it for the pod.
+#[test]
+fn icmp_errors_about_a_tunnelled_flow_follow_it() {
+    if !common::privileged("icmp_errors_about_a_tunnelled_flow_follow_it") {
+        return;
+    }
+    let (a, b) = two_nodes();
+    let q = Pkt::udp(CLIENT, LB);
+    let r = a.run(TcProgram::FromHostIface, &from_client(&q));
+    assert_eq!(r.verdict, TC_ACT_REDIRECT, "client datagram tunnelled");
+    let r = b.run(TcProgram::FromHostIface, &r.packet);
+    assert_eq!(r.verdict, TC_ACT_OK);
+    assert_eq!(parse(&r.packet).dst, POD, "DNATed on B");
+
+    // The pod answers port unreachable: translated on B, back in the tunnel to A.
+    let unreachable = icmp_error(POD.0, CLIENT.0, (3, 3), 0, &q.with_dst(POD).bytes(), 576);
+    let r = b.run(TcProgram::FromWorkload, &unreachable);
+    assert_eq!(r.verdict, TC_ACT_REDIRECT, "B: into the tunnel");
+    let v = Vxlan::parse(&r.packet).expect("VXLAN");
+    assert_eq!((v.src, v.dst), (NODE_B, NODE_A), "B: to the ingress node");
+    let translated = icmp_error(LB.0, CLIENT.0, (3, 3), 0, &q.bytes(), 576);
+    assert_eq!(
+        v.inner, translated,
+        "B: about the datagram the client sent, from the LB IP"
+    );
+    // A: out of the tunnel, to the client along its route (via the router).
+    let r = a.run(TcProgram::FromHostIface, &r.packet);
+    assert_eq!(r.verdict, TC_ACT_REDIRECT, "A: forwarded");
+    assert_eq!(
+        r.packet,
+        with_macs(&translated, ROUTER_MAC, A_MAC),
+        "A: to the client"
+    );
+
+    // A router near the client: fragmentation needed about a reply (LB -> client).
+    let too_big = with_macs(
+        &icmp_error(ROUTER, LB.0, (3, 4), 1400, &q.reply(0).bytes(), 576),
+        A_MAC,
+        ROUTER_MAC,
+    );
+    let r = a.run(TcProgram::FromHostIface, &too_big);
+    assert_eq!(r.verdict, TC_ACT_REDIRECT, "A: into the tunnel");
+    let v = Vxlan::parse(&r.packet).expect("VXLAN");
+    assert_eq!((v.src, v.dst), (NODE_A, NODE_B), "A: to the backend's node");
+    assert_eq!(v.inner, too_big, "A: untranslated");
+    let r = b.run(TcProgram::FromHostIface, &r.packet);
+    assert_eq!(r.verdict, TC_ACT_OK, "B: delivered");
+    let for_pod = icmp_error(
+        ROUTER,
+        POD.0,
+        (3, 4),
+        1400,
+        &q.reply(0).with_src(POD).bytes(),
+        576,
+    );
+    assert_eq!(
+        r.packet[12..],
+        for_pod[12..],
+        "B: about the reply the pod sent, to the pod"
+    );
 }
