@@ -416,6 +416,64 @@ fn jumps_exist_exactly_once() {
     );
 }
 
+/// Pods' hostPorts (the CNI portmap plugin's chains) and BPF mode's FORWARD exception read back
+/// exactly as written, next to kube-proxy's rules; removing the hostPorts removes every chain
+/// and jump of theirs; cleanup leaves none.
+#[test]
+fn host_port_and_bpf_forward_rules_read_back_identically() {
+    if !privileged("host_port_and_bpf_forward_rules_read_back_identically") {
+        return;
+    }
+    let ns = Netns::new();
+    let mut driver = IptablesDriver::new();
+    let pods: Vec<k8s_openapi::api::core::v1::Pod> = serde_json::from_value(serde_json::json!([
+        {"metadata": {"name": "web", "namespace": "shop"},
+         "spec": {"nodeName": "node-1", "containers": [{"name": "web", "ports": [
+             {"containerPort": 8080, "hostPort": 80},
+             {"containerPort": 8443, "hostPort": 443, "hostIP": "10.224.0.4"},
+             {"containerPort": 5353, "hostPort": 53, "protocol": "UDP"}]}]},
+         "status": {"phase": "Running", "podIP": "192.168.0.7"}}
+    ]))
+    .expect("pods");
+    let ports = margay_calc::host_ports::host_ports(&pods, "node-1");
+    assert_eq!(ports.len(), 3);
+    let base = services(&["alpha"], 2);
+    let mut rs = base.clone();
+    rs.add_host_ports(&ports);
+    rs.add_bpf_forward_accept();
+    ns.run(|| driver.sync(&rs)).expect("full sync");
+    assert_no_drift(
+        &ns,
+        &mut driver,
+        &rs,
+        "hostPorts and the BPF FORWARD exception",
+    );
+    let nat = ns.exec("iptables-save", &["-t", "nat"]);
+    assert!(
+        nat.contains("-A PREROUTING -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT"),
+        "{nat}"
+    );
+    let filter = ns.exec("iptables", &["-S", "FORWARD"]);
+    let first = filter.lines().nth(1).unwrap_or_default();
+    assert!(
+        first.ends_with("-j MARGAY-BPF-FORWARD"),
+        "the exception comes first:\n{filter}"
+    );
+
+    // Partial sync without them: every portmap chain and jump goes.
+    ns.run(|| driver.sync(&base)).expect("partial sync");
+    assert_no_drift(&ns, &mut driver, &base, "after removing them");
+    let all = ns.exec("iptables-save", &[]);
+    assert!(
+        !all.contains("CNI-") && !all.contains("MARGAY-BPF"),
+        "{all}"
+    );
+
+    ns.run(|| driver.sync(&rs)).expect("sync again");
+    ns.run(|| driver.cleanup()).expect("cleanup");
+    assert_eq!(leftovers(&ns), Vec::<String>::new());
+}
+
 /// Cleanup removes every owned chain and jump, a real kube-proxy's leftovers included
 /// (KUBE-MARK-DROP, KUBE-XLB-), keeps a chain someone else still jumps to (flushed), and
 /// touches nothing else.

@@ -14,10 +14,11 @@ use common::{From, TestLab, peer, skip_unless_root};
 
 const NODE_1: &str = "10.224.0.4";
 const NODE_2: &str = "10.224.0.5";
+const NODE_3: &str = "10.224.0.6";
 const CLIENT: &str = "203.0.113.10";
 
-/// An echo pod on node-1 with a TCP and a UDP hostPort on every node address, and one on node-2
-/// whose hostPort answers only at the hostIP.
+/// An echo pod on node-1 with a TCP and a UDP hostPort on every node address, one on node-2
+/// whose hostPort answers only at the hostIP, and a client pod on node-3.
 const PODS: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -44,6 +45,13 @@ spec:
   - name: echo
     image: margay/echo
     ports: [{containerPort: 8080, hostPort: 18081, hostIP: 10.224.0.5}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hp-client, namespace: matrix}
+spec:
+  nodeName: node-3
+  containers: [{name: sleep, image: busybox, command: [sleep, "100000"]}]
 "#;
 
 /// Probes until `want(exit code, line)` holds, or fails after 20 s with the last answer.
@@ -84,6 +92,13 @@ fn reachable_keeping_the_client(lab: &TestLab, when: &str) {
         );
         println!("{when}: {proto} {target} -> {pod} saw {CLIENT}");
     }
+    // A pod on another node reaches it too; the node address is outside every pool, so the
+    // pool's natOutgoing masquerades it behind its own node's address (10.224.0.6), as Calico's.
+    let (code, line) = lab.probe(&From::Pod("hp-client"), "tcp", &format!("{NODE_1}:18080"));
+    assert!(
+        code == 0 && peer(&line) == NODE_3 && line.contains("hp-echo"),
+        "{when}: from the pod on node-3: exit {code}: {line}"
+    );
     // A hostPort answers only on its pod's node.
     let (code, line) = lab.probe(&From::Client, "tcp", &format!("{NODE_2}:18080"));
     assert_ne!(code, 0, "{when}: node-2 has no pod on 18080, yet: {line}");
