@@ -1,8 +1,10 @@
-//! The connectivity matrix in the Iptables dataplane, on a real lab: every cell sends real
-//! traffic through the node agents' kube-proxy rules and asserts the source address the backend
-//! saw (the echo server answers with the peer address of the connection it accepted).
+//! The connectivity matrix on a real lab: one table of cells (who probes what, over TCP or UDP)
+//! with what each dataplane must show, run in the Iptables dataplane (kube-proxy's rules) and in
+//! BPF in its Tunnel and DSR modes. Every cell sends real traffic and asserts the source address
+//! the backend saw (the echo server answers with the peer address it accepted), or how the
+//! probe failed. Then the yaobank, VXLAN and live-switch scenarios.
 //!
-//! Root only (namespaces, iptables in them); run by CI as root. Each test builds its own lab with
+//! Root only (namespaces, iptables and BPF in them); run by CI as root. Each test builds its own lab with
 //! a unique name and takes it down on drop, even when it fails.
 
 mod common;
@@ -16,166 +18,338 @@ const NODE_1: &str = "10.224.0.4";
 const NODE_2: &str = "10.224.0.5";
 const CLIENT: &str = "203.0.113.10";
 
-#[test]
-fn iptables_connectivity_matrix() {
-    if skip_unless_root("iptables_connectivity_matrix") {
-        return;
-    }
-    iptables_matrix(TestLab::up("mx", &["--lb-mode", "node-2"]));
+const NODE_3: &str = "10.224.0.6";
+const NODES: [&str; 3] = [NODE_1, NODE_2, NODE_3];
+
+/// The dataplanes the matrix runs in, each on a lab of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dataplane {
+    /// kube-proxy's rules (the lab's default).
+    Iptables,
+    /// BPF, `bpfExternalServiceMode: Tunnel` (the default): an external flow whose backend is
+    /// on another node goes there in VXLAN and its replies come back the same way.
+    BpfTunnel,
+    /// BPF, `bpfExternalServiceMode: DSR`: the backend's node answers the client directly.
+    BpfDsr,
 }
 
-/// The same matrix with every agent and the lab's verbs on the lab's own etcd.
-#[test]
-fn iptables_connectivity_matrix_on_etcd() {
-    if skip_unless_root("iptables_connectivity_matrix_on_etcd") {
-        return;
-    }
-    let lab = TestLab::up("mxe", &["--lb-mode", "node-2", "--datastore", "etcd"]);
-    lab.assert_on_lab_etcd();
-    iptables_matrix(lab);
+/// Who the backend must see as the source, or how the probe must fail.
+#[derive(Clone, Copy, Debug)]
+enum Want {
+    /// Answered; the backend saw this client pod's address.
+    Pod(&'static str),
+    /// Answered; the backend saw this address.
+    Addr(&'static str),
+    /// Answered; the backend saw one of the nodes' addresses (which one depends on the ECMP
+    /// hash of the router).
+    AnyNode,
+    /// The probe fails with this exit code (3 refused or reset, 4 timeout).
+    Exit(i32),
 }
 
-/// Every cell of the Iptables matrix on `lab`, whose LoadBalancer traffic goes to node-2, which
-/// has no backend of `echo`.
-fn iptables_matrix(lab: TestLab) {
+/// Where a probe goes.
+#[derive(Clone, Copy, Debug)]
+enum Dest {
+    /// The Service's ClusterIP and port.
+    ClusterIp(&'static str, u16),
+    /// A node's address and a NodePort.
+    NodePort(&'static str, u16),
+    /// The Service's LoadBalancer IP and port.
+    LoadBalancer(&'static str, u16),
+}
+
+/// One row of the matrix: a probe and what each dataplane must show. `bpf` holds for Tunnel
+/// and DSR alike: the client's address is kept on every node either way, and the probe's
+/// socket is connected, so an answer also proves the reply came from the address it dialled
+/// (the service address), whichever node sent it.
+struct Cell {
+    name: &'static str,
+    from: From,
+    proto: &'static str,
+    to: Dest,
+    iptables: Want,
+    bpf: Want,
+    /// Probes of the cell (new connections; through ECMP they land on different nodes).
+    repeat: usize,
+}
+
+fn cells() -> Vec<Cell> {
+    use Dest::{ClusterIp, LoadBalancer, NodePort};
+    use Want::{Addr, AnyNode, Exit, Pod};
+    let cell = |name, from, proto, to, iptables, bpf| Cell {
+        name,
+        from,
+        proto,
+        to,
+        iptables,
+        bpf,
+        repeat: 1,
+    };
+    vec![
+        // In BPF mode pods' TCP goes through connect-time load balancing, UDP through TC.
+        cell(
+            "pod -> ClusterIP, backend on the same node: pod IP",
+            From::Pod("client-1"),
+            "tcp",
+            ClusterIp("echo", 80),
+            Pod("client-1"),
+            Pod("client-1"),
+        ),
+        cell(
+            "pod -> ClusterIP, backend on another node: pod IP",
+            From::Pod("client-2"),
+            "tcp",
+            ClusterIp("echo", 80),
+            Pod("client-2"),
+            Pod("client-2"),
+        ),
+        cell(
+            "pod -> ClusterIP over UDP, backend on another node: pod IP",
+            From::Pod("client-2"),
+            "udp",
+            ClusterIp("echo", 53),
+            Pod("client-2"),
+            Pod("client-2"),
+        ),
+        cell(
+            "node -> ClusterIP: the node's IP",
+            From::Node("node-2"),
+            "tcp",
+            ClusterIp("echo", 80),
+            Addr(NODE_2),
+            Addr(NODE_2),
+        ),
+        cell(
+            "client -> NodePort, backend on that node",
+            From::Client,
+            "tcp",
+            NodePort(NODE_1, 30080),
+            Addr(NODE_1),
+            Addr(CLIENT),
+        ),
+        cell(
+            "client -> NodePort on node-2, backend on node-1",
+            From::Client,
+            "tcp",
+            NodePort(NODE_2, 30080),
+            Addr(NODE_2),
+            Addr(CLIENT),
+        ),
+        cell(
+            "client -> NodePort on node-3, backend on node-1",
+            From::Client,
+            "tcp",
+            NodePort(NODE_3, 30080),
+            Addr(NODE_3),
+            Addr(CLIENT),
+        ),
+        cell(
+            "client -> UDP NodePort, backend on that node",
+            From::Client,
+            "udp",
+            NodePort(NODE_1, 30053),
+            Addr(NODE_1),
+            Addr(CLIENT),
+        ),
+        cell(
+            "client -> UDP NodePort on node-2, backend on node-1",
+            From::Client,
+            "udp",
+            NodePort(NODE_2, 30053),
+            Addr(NODE_2),
+            Addr(CLIENT),
+        ),
+        Cell {
+            repeat: 6,
+            ..cell(
+                "client -> LoadBalancer IP (ECMP over the nodes)",
+                From::Client,
+                "tcp",
+                LoadBalancer("echo-lb", 80),
+                AnyNode,
+                Addr(CLIENT),
+            )
+        },
+        Cell {
+            repeat: 4,
+            ..cell(
+                "client -> UDP LoadBalancer IP (ECMP over the nodes)",
+                From::Client,
+                "udp",
+                LoadBalancer("echo-udp", 53),
+                AnyNode,
+                Addr(CLIENT),
+            )
+        },
+        cell(
+            "client -> NodePort, Local policy, backend on that node",
+            From::Client,
+            "tcp",
+            NodePort(NODE_1, 30081),
+            Addr(CLIENT),
+            Addr(CLIENT),
+        ),
+        // kube-proxy drops (the client times out); BPF answers the SYN with a RST.
+        cell(
+            "client -> NodePort, Local policy, no local backend",
+            From::Client,
+            "tcp",
+            NodePort(NODE_2, 30081),
+            Exit(4),
+            Exit(3),
+        ),
+        cell(
+            "pod -> ClusterIP without endpoints: refused",
+            From::Pod("client-1"),
+            "tcp",
+            ClusterIp("empty", 80),
+            Exit(3),
+            Exit(3),
+        ),
+        // kube-proxy masquerades a hairpin to the node; BPF keeps the pod's own address.
+        cell(
+            "pod -> its own Service (hairpin)",
+            From::Pod("echo-1"),
+            "tcp",
+            ClusterIp("echo", 80),
+            Addr(NODE_1),
+            Pod("echo-1"),
+        ),
+    ]
+}
+
+/// A lab for the matrix in `dataplane` (ECMP LoadBalancer routing), with `extra` arguments to
+/// `up` (`--datastore etcd`).
+fn matrix_lab(prefix: &str, dataplane: Dataplane, extra: &[&str]) -> TestLab {
+    let mut args: Vec<&str> = match dataplane {
+        Dataplane::Iptables => vec![],
+        Dataplane::BpfTunnel | Dataplane::BpfDsr => vec!["--dataplane", "bpf"],
+    };
+    args.extend_from_slice(extra);
+    TestLab::up(prefix, &args)
+}
+
+/// Runs every cell and the checks that are not single probes (DNS, session affinity,
+/// healthCheckNodePort, what each dataplane leaves in the node) on `lab`, brought up for
+/// `dataplane` by [`matrix_lab`].
+fn run_matrix(lab: TestLab, dataplane: Dataplane) {
+    if dataplane == Dataplane::BpfDsr {
+        lab.margayctl(&[
+            "patch",
+            "felixconfiguration",
+            "default",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"bpfExternalServiceMode":"DSR"}}"#,
+        ]);
+    }
+    // `apply` returns once every agent has programmed it (the DSR setting included).
     lab.apply(WORKLOADS);
+    let nodes = lab.ok(&["get", "nodes", "-o", "wide"]);
+    let want_dp = if dataplane == Dataplane::Iptables {
+        " Iptables"
+    } else {
+        " BPF"
+    };
+    assert_eq!(
+        nodes.matches(want_dp).count(),
+        3,
+        "every node runs {dataplane:?}:\n{nodes}"
+    );
 
     let ip = |pod: &str| lab.jsonpath(&["pod", pod, "-n", "matrix"], "{.status.podIP}");
-    let cluster_ip = |svc: &str| lab.jsonpath(&["svc", svc, "-n", "matrix"], "{.spec.clusterIP}");
-    let lb_ip = |svc: &str| {
-        lab.jsonpath(
-            &["svc", svc, "-n", "matrix"],
-            "{.status.loadBalancer.ingress[0].ip}",
-        )
-    };
-    let (client1, client2) = (ip("client-1"), ip("client-2"));
-    let echo = cluster_ip("echo");
+    let service = |svc: &str, template: &str| lab.jsonpath(&["svc", svc, "-n", "matrix"], template);
     let mut failures = Vec::new();
-    let mut check = |cell: &str, (code, line): (i32, String), want: Result<&str, i32>| {
-        let ok = match want {
-            Ok(source) => code == 0 && peer(&line) == source,
-            Err(expected_code) => code == expected_code,
-        };
+    let mut report = |cell: &str, ok: bool, got: &str, want: &dyn std::fmt::Debug| {
         println!(
-            "{:<58} {} (exit {code}: {line})",
-            cell,
+            "{dataplane:?} {cell:<64} {} ({got})",
             if ok { "ok  " } else { "FAIL" }
         );
         if !ok {
-            failures.push(format!("{cell}: wanted {want:?}, got exit {code}: {line}"));
+            failures.push(format!("{cell}: wanted {want:?}, got {got}"));
         }
     };
 
-    let tcp80 = |addr: &str| format!("{addr}:80");
-    check(
-        "pod -> ClusterIP, backend on the same node: pod IP",
-        lab.probe(&From::Pod("client-1"), "tcp", &tcp80(&echo)),
-        Ok(client1.as_str()),
-    );
-    check(
-        "pod -> ClusterIP, backend on another node: pod IP",
-        lab.probe(&From::Pod("client-2"), "tcp", &tcp80(&echo)),
-        Ok(client2.as_str()),
-    );
-    check(
-        "pod -> ClusterIP over UDP, backend on another node: pod IP",
-        lab.probe(&From::Pod("client-2"), "udp", &format!("{echo}:53")),
-        Ok(client2.as_str()),
-    );
-    check(
-        "node -> ClusterIP: masqueraded to the node's IP",
-        lab.probe(&From::Node("node-2"), "tcp", &tcp80(&echo)),
-        Ok(NODE_2),
-    );
-    check(
-        "client -> NodePort on a node with a local backend: node IP",
-        lab.probe(&From::Client, "tcp", &format!("{NODE_1}:30080")),
-        Ok(NODE_1),
-    );
-    check(
-        "client -> NodePort on a node without one: that node's IP",
-        lab.probe(&From::Client, "tcp", &format!("{NODE_2}:30080")),
-        Ok(NODE_2),
-    );
-    check(
-        "client -> LoadBalancer IP (router -> node-2): node-2's IP",
-        lab.probe(&From::Client, "tcp", &tcp80(&lb_ip("echo-lb"))),
-        Ok(NODE_2),
-    );
-    check(
-        "client -> NodePort, externalTrafficPolicy Local: client IP",
-        lab.probe(&From::Client, "tcp", &format!("{NODE_1}:30081")),
-        Ok(CLIENT),
-    );
-    check(
-        "client -> NodePort, Local, no local backend: dropped",
-        lab.probe(&From::Client, "tcp", &format!("{NODE_2}:30081")),
-        Err(4),
-    );
-    check(
-        "pod -> ClusterIP without endpoints: refused",
-        lab.probe(&From::Pod("client-1"), "tcp", &tcp80(&cluster_ip("empty"))),
-        Err(3),
-    );
-    check(
-        "pod -> its own Service (hairpin): masqueraded to its node",
-        lab.probe(&From::Pod("echo-1"), "tcp", &tcp80(&echo)),
-        Ok(NODE_1),
-    );
-    // Cluster DNS: a real resolver (glibc) asks dnsmasq through the kube-dns ClusterIP over UDP.
-    let dns = lab.run(&[
-        "exec",
-        "-n",
-        "matrix",
-        "client-1",
-        "--",
-        "getent",
-        "hosts",
-        "echo.matrix.svc.cluster.local",
-    ]);
-    let answer = String::from_utf8_lossy(&dns.stdout).trim().to_owned();
-    check(
-        "pod -> kube-dns (UDP): echo.matrix.svc.cluster.local",
-        (dns.status.code().unwrap_or(-1), answer.replace(' ', ":")),
-        Ok(echo.as_str()),
-    );
-    let short = lab.run(&[
-        "exec", "-n", "matrix", "client-1", "--", "getent", "hosts", "echo",
-    ]);
-    check(
-        "pod -> kube-dns: the short name through the search path",
-        (
-            short.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&short.stdout)
-                .trim()
-                .replace(' ', ":"),
-        ),
-        Ok(echo.as_str()),
-    );
-    // Session affinity: every connection from one client lands on the same backend.
-    let sticky = cluster_ip("sticky");
+    for cell in cells() {
+        let want = match dataplane {
+            Dataplane::Iptables => cell.iptables,
+            Dataplane::BpfTunnel | Dataplane::BpfDsr => cell.bpf,
+        };
+        let target = match cell.to {
+            Dest::ClusterIp(svc, port) => format!("{}:{port}", service(svc, "{.spec.clusterIP}")),
+            Dest::NodePort(node, port) => format!("{node}:{port}"),
+            Dest::LoadBalancer(svc, port) => format!(
+                "{}:{port}",
+                service(svc, "{.status.loadBalancer.ingress[0].ip}")
+            ),
+        };
+        for i in 0..cell.repeat {
+            let (code, line) = lab.probe(&cell.from, cell.proto, &target);
+            let source = peer(&line);
+            let ok = match want {
+                Want::Pod(pod) => code == 0 && source == ip(pod),
+                Want::Addr(addr) => code == 0 && source == addr,
+                Want::AnyNode => code == 0 && NODES.contains(&source),
+                Want::Exit(expected) => code == expected,
+            };
+            let name = if cell.repeat > 1 {
+                format!("{} #{i}", cell.name)
+            } else {
+                cell.name.to_owned()
+            };
+            report(
+                &format!("{name} [{} {target}]", cell.proto),
+                ok,
+                &format!("exit {code}: {line}"),
+                &want,
+            );
+        }
+    }
+
+    // Cluster DNS: a real resolver (glibc) asks dnsmasq through the kube-dns ClusterIP over
+    // UDP, by full name and through the search path.
+    let echo = service("echo", "{.spec.clusterIP}");
+    for name in ["echo.matrix.svc.cluster.local", "echo"] {
+        let dns = lab.run(&[
+            "exec", "-n", "matrix", "client-1", "--", "getent", "hosts", name,
+        ]);
+        let answer = String::from_utf8_lossy(&dns.stdout).trim().to_owned();
+        report(
+            &format!("pod -> kube-dns (UDP): {name}"),
+            dns.status.success() && answer.split_whitespace().next() == Some(echo.as_str()),
+            &answer,
+            &echo,
+        );
+    }
+
+    // Session affinity ClientIP: every connection from one client lands on the same backend
+    // (two backends, on node-2 and node-3). BPF: through TC (connect-time LB leaves affinity
+    // frontends alone), with the choice in the affinity map.
+    let sticky = format!("{}:80", service("sticky", "{.spec.clusterIP}"));
     let backends: std::collections::BTreeSet<String> = (0..6)
         .map(|_| {
-            let (code, line) = lab.probe(&From::Pod("client-1"), "tcp", &tcp80(&sticky));
-            assert_eq!(code, 0, "sticky probe failed: {line}");
-            line.split_whitespace()
-                .nth(1)
-                .unwrap_or_default()
-                .to_owned()
+            let (code, line) = lab.probe(&From::Pod("client-1"), "tcp", &sticky);
+            if code == 0 {
+                line.split_whitespace()
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_owned()
+            } else {
+                format!("exit {code}: {line}")
+            }
         })
         .collect();
-    println!(
-        "{:<58} {:?}",
-        "session affinity ClientIP: backends seen", backends
+    report(
+        "session affinity ClientIP: one backend for 6 connections",
+        backends.len() == 1 && backends.iter().all(|b| b.starts_with("echo-2")),
+        &format!("{backends:?}"),
+        &"one of echo-2a, echo-2b",
     );
-    if backends.len() != 1 {
-        failures.push(format!("session affinity: several backends {backends:?}"));
-    }
-    // healthCheckNodePort: 200 where a local endpoint exists, 503 elsewhere.
-    let hc = lab.jsonpath(
-        &["svc", "echo-lb-local", "-n", "matrix"],
-        "{.spec.healthCheckNodePort}",
-    );
+
+    // healthCheckNodePort: 200 where a local endpoint exists, 503 elsewhere (answered by the
+    // agent in both dataplanes).
+    let hc = service("echo-lb-local", "{.spec.healthCheckNodePort}");
     for (node, want) in [(NODE_1, "200"), (NODE_2, "503")] {
         let out = lab.run(&[
             "client",
@@ -191,18 +365,139 @@ fn iptables_matrix(lab: TestLab) {
             &format!("http://{node}:{hc}/"),
         ]);
         let got = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        println!("{:<58} {got}", format!("healthCheckNodePort on {node}"));
-        if got != want {
-            failures.push(format!(
-                "healthCheckNodePort on {node}: wanted {want}, got {got}"
-            ));
+        report(
+            &format!("healthCheckNodePort on {node}"),
+            got == want,
+            &got,
+            &want,
+        );
+    }
+
+    // What each dataplane leaves in the node, seen with the node's own tools.
+    let saved = lab.ok(&["node", "exec", "node-1", "--", "iptables-save"]);
+    let datastore = lab.datastore_url();
+    let margayctl = |args: &[&str]| lab.margayctl_at(&datastore, args);
+    match dataplane {
+        Dataplane::Iptables => {
+            report(
+                "kube-proxy's rules in place",
+                saved.contains("KUBE-SERVICES"),
+                "iptables-save",
+                &"KUBE-SERVICES",
+            );
+            let out = margayctl(&["bpf", "nat", "dump", "--node", "node-1"]);
+            let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            report(
+                "margayctl bpf nat dump: no maps in Iptables mode",
+                !out.status.success()
+                    && err
+                        == "Error: node node-1 runs the Iptables dataplane, not BPF: it has no BPF maps (margayctl node status node-1 says why)",
+                &err,
+                &"a clear error",
+            );
+        }
+        Dataplane::BpfTunnel | Dataplane::BpfDsr => {
+            // bpfKubeProxyIptablesCleanupEnabled defaults to true.
+            report(
+                "no kube-proxy rule left",
+                !saved.contains("KUBE-"),
+                "iptables-save",
+                &"no KUBE-*",
+            );
+            // The NodePort flows tunnelled from node-2 and node-3 are still in node-1's
+            // conntrack: their pairs say whether replies went back through the tunnel or
+            // straight to the client.
+            let out = margayctl(&["bpf", "conntrack", "dump", "--node", "node-1", "-o", "json"]);
+            let entries: serde_json::Value =
+                serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let tunnelled: Vec<&serde_json::Value> = entries
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| {
+                    e["type"] == "nat-forward"
+                        && e["client"].as_str().is_some_and(|c| c.starts_with(CLIENT))
+                        && e["flags"]
+                            .as_array()
+                            .is_some_and(|f| f.contains(&"from-tunnel".into()))
+                })
+                .collect();
+            let dsr = tunnelled
+                .iter()
+                .filter(|e| {
+                    e["flags"]
+                        .as_array()
+                        .is_some_and(|f| f.contains(&"dsr".into()))
+                })
+                .count();
+            let want_dsr = dataplane == Dataplane::BpfDsr;
+            report(
+                "node-1's conntrack: the tunnelled flows' replies mode",
+                !tunnelled.is_empty()
+                    && (dsr == tunnelled.len()) == want_dsr
+                    && (dsr == 0) != want_dsr,
+                &format!("{} tunnelled pairs, {dsr} DSR", tunnelled.len()),
+                &if want_dsr { "all DSR" } else { "none DSR" },
+            );
         }
     }
     assert!(
         failures.is_empty(),
-        "matrix cells failed:\n{}",
+        "{dataplane:?} matrix cells failed:\n{}",
         failures.join("\n")
     );
+}
+
+#[test]
+fn iptables_connectivity_matrix() {
+    if skip_unless_root("iptables_connectivity_matrix") {
+        return;
+    }
+    run_matrix(
+        matrix_lab("mx", Dataplane::Iptables, &[]),
+        Dataplane::Iptables,
+    );
+}
+
+/// The same matrix with every agent and the lab's verbs on the lab's own etcd.
+#[test]
+fn iptables_connectivity_matrix_on_etcd() {
+    if skip_unless_root("iptables_connectivity_matrix_on_etcd") {
+        return;
+    }
+    let lab = matrix_lab("mxe", Dataplane::Iptables, &["--datastore", "etcd"]);
+    lab.assert_on_lab_etcd();
+    run_matrix(lab, Dataplane::Iptables);
+}
+
+#[test]
+fn bpf_dataplane_matrix_keeps_client_addresses_on_every_node() {
+    if skip_unless_root("bpf_dataplane_matrix_keeps_client_addresses_on_every_node") {
+        return;
+    }
+    run_matrix(
+        matrix_lab("bx", Dataplane::BpfTunnel, &[]),
+        Dataplane::BpfTunnel,
+    );
+}
+
+/// The same BPF matrix with every agent and the lab's verbs on the lab's own etcd.
+#[test]
+fn bpf_dataplane_matrix_on_etcd() {
+    if skip_unless_root("bpf_dataplane_matrix_on_etcd") {
+        return;
+    }
+    let lab = matrix_lab("bxe", Dataplane::BpfTunnel, &["--datastore", "etcd"]);
+    lab.assert_on_lab_etcd();
+    run_matrix(lab, Dataplane::BpfTunnel);
+}
+
+#[test]
+fn bpf_dsr_matrix_keeps_client_addresses_and_answers_from_the_backend_node() {
+    if skip_unless_root("bpf_dsr_matrix_keeps_client_addresses_and_answers_from_the_backend_node") {
+        return;
+    }
+    run_matrix(matrix_lab("ds", Dataplane::BpfDsr, &[]), Dataplane::BpfDsr);
 }
 
 #[test]
@@ -374,172 +669,6 @@ fn vxlan_always_carries_pod_traffic_between_nodes_in_a_tunnel() {
     }
     let (code, line) = lab.probe(&From::Pod("client-2"), "tcp", &format!("{echo1}:8080"));
     assert_eq!(code, 0, "pod -> pod directly again: {line}");
-}
-
-#[test]
-fn bpf_dataplane_matrix_keeps_client_addresses_on_every_node() {
-    if skip_unless_root("bpf_dataplane_matrix_keeps_client_addresses_on_every_node") {
-        return;
-    }
-    bpf_matrix(TestLab::up("bx", &["--dataplane", "bpf"]));
-}
-
-/// The same BPF matrix with every agent and the lab's verbs on the lab's own etcd.
-#[test]
-fn bpf_dataplane_matrix_on_etcd() {
-    if skip_unless_root("bpf_dataplane_matrix_on_etcd") {
-        return;
-    }
-    let lab = TestLab::up("bxe", &["--dataplane", "bpf", "--datastore", "etcd"]);
-    lab.assert_on_lab_etcd();
-    bpf_matrix(lab);
-}
-
-/// The BPF matrix on `lab` (brought up with `--dataplane bpf`). LoadBalancer traffic is spread
-/// over every node (ECMP); only node-1 runs `echo`'s backend: the others reach it through the
-/// Tunnel mode (VXLAN to node-1, which NATs).
-fn bpf_matrix(lab: TestLab) {
-    lab.apply(WORKLOADS);
-    let nodes = lab.ok(&["get", "nodes", "-o", "wide"]);
-    assert_eq!(
-        nodes.matches(" BPF").count(),
-        3,
-        "every node runs BPF:\n{nodes}"
-    );
-    // No kube-proxy rule is left (bpfKubeProxyIptablesCleanupEnabled defaults to true).
-    let saved = lab.ok(&["node", "exec", "node-1", "--", "iptables-save"]);
-    assert!(
-        !saved.contains("KUBE-"),
-        "kube-proxy rules left in BPF mode:\n{saved}"
-    );
-
-    let ip = |pod: &str| lab.jsonpath(&["pod", pod, "-n", "matrix"], "{.status.podIP}");
-    let cluster_ip = |svc: &str| lab.jsonpath(&["svc", svc, "-n", "matrix"], "{.spec.clusterIP}");
-    let (client1, client2, echo1) = (ip("client-1"), ip("client-2"), ip("echo-1"));
-    let echo = cluster_ip("echo");
-    let lb = lab.jsonpath(
-        &["svc", "echo-lb", "-n", "matrix"],
-        "{.status.loadBalancer.ingress[0].ip}",
-    );
-    let mut failures = Vec::new();
-    let mut check = |cell: &str, (code, line): (i32, String), want: Result<&str, ()>| {
-        let ok = match want {
-            Ok(source) => code == 0 && peer(&line) == source,
-            Err(()) => code != 0,
-        };
-        println!(
-            "{cell:<62} {} (exit {code}: {line})",
-            if ok { "ok  " } else { "FAIL" }
-        );
-        if !ok {
-            failures.push(format!("{cell}: wanted {want:?}, got exit {code}: {line}"));
-        }
-    };
-    let tcp80 = |addr: &str| format!("{addr}:80");
-    check(
-        "pod -> ClusterIP, same node (connect-time LB): pod IP",
-        lab.probe(&From::Pod("client-1"), "tcp", &tcp80(&echo)),
-        Ok(client1.as_str()),
-    );
-    check(
-        "pod -> ClusterIP, other node (connect-time LB): pod IP",
-        lab.probe(&From::Pod("client-2"), "tcp", &tcp80(&echo)),
-        Ok(client2.as_str()),
-    );
-    check(
-        "pod -> ClusterIP over UDP (TC NAT): pod IP",
-        lab.probe(&From::Pod("client-2"), "udp", &format!("{echo}:53")),
-        Ok(client2.as_str()),
-    );
-    check(
-        "node -> ClusterIP: the node's IP",
-        lab.probe(&From::Node("node-2"), "tcp", &tcp80(&echo)),
-        Ok(NODE_2),
-    );
-    check(
-        "client -> NodePort, backend on that node: the CLIENT's IP",
-        lab.probe(&From::Client, "tcp", &format!("{NODE_1}:30080")),
-        Ok(CLIENT),
-    );
-    check(
-        "client -> NodePort, Local policy, backend on that node: client IP",
-        lab.probe(&From::Client, "tcp", &format!("{NODE_1}:30081")),
-        Ok(CLIENT),
-    );
-    check(
-        "client -> NodePort, Local policy, no local backend: refused",
-        lab.probe(&From::Client, "tcp", &format!("{NODE_2}:30081")),
-        Err(()),
-    );
-    check(
-        "client -> NodePort on a node WITHOUT the backend (Tunnel): CLIENT IP",
-        lab.probe(&From::Client, "tcp", &format!("{NODE_2}:30080")),
-        Ok(CLIENT),
-    );
-    check(
-        "client -> NodePort on node-3 (Tunnel): CLIENT IP",
-        lab.probe(&From::Client, "tcp", "10.224.0.6:30080"),
-        Ok(CLIENT),
-    );
-    // The router spreads connections over the nodes: every one must show the client.
-    for i in 0..6 {
-        check(
-            &format!("client -> LoadBalancer IP, ECMP connection {i}: CLIENT IP"),
-            lab.probe(&From::Client, "tcp", &tcp80(&lb)),
-            Ok(CLIENT),
-        );
-    }
-    check(
-        "pod -> ClusterIP without endpoints: refused",
-        lab.probe(&From::Pod("client-1"), "tcp", &tcp80(&cluster_ip("empty"))),
-        Err(()),
-    );
-    check(
-        "pod -> its own Service (hairpin): its own address",
-        lab.probe(&From::Pod("echo-1"), "tcp", &tcp80(&echo)),
-        Ok(echo1.as_str()),
-    );
-    // healthCheckNodePort, still answered by the agent in BPF mode.
-    let hc = lab.jsonpath(
-        &["svc", "echo-lb-local", "-n", "matrix"],
-        "{.spec.healthCheckNodePort}",
-    );
-    for (node, want) in [(NODE_1, "200"), (NODE_2, "503")] {
-        let out = lab.run(&[
-            "client",
-            "--",
-            "curl",
-            "-s",
-            "-m",
-            "3",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("http://{node}:{hc}/"),
-        ]);
-        let got = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        println!("{:<62} {got}", format!("healthCheckNodePort on {node}"));
-        if got != want {
-            failures.push(format!(
-                "healthCheckNodePort on {node}: wanted {want}, got {got}"
-            ));
-        }
-    }
-    let dns = lab.run(&[
-        "exec", "-n", "matrix", "client-1", "--", "getent", "hosts", "echo",
-    ]);
-    let answer = String::from_utf8_lossy(&dns.stdout).trim().to_owned();
-    println!("{:<62} {answer}", "pod -> kube-dns through BPF");
-    if !answer.starts_with(&echo) {
-        failures.push(format!("DNS through BPF: {answer:?}"));
-    }
-    assert!(
-        failures.is_empty(),
-        "BPF matrix cells failed:\n{}",
-        failures.join("\n")
-    );
-    drop(lab);
 }
 
 #[test]

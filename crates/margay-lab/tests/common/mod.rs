@@ -210,7 +210,7 @@ pub fn peer(line: &str) -> &str {
 /// The workloads the lab tests probe, in namespace `matrix`: echo backends on node-1 (`app: echo`)
 /// and on node-2 and node-3 (`app: echo2`), a client pod on each node, and Services of every kind
 /// in front of them (ClusterIP, NodePort, NodePort Local, LoadBalancer, LoadBalancer Local,
-/// ClientIP affinity, and one without endpoints).
+/// ClientIP affinity, one without endpoints, and a UDP LoadBalancer with its NodePort).
 pub const WORKLOADS: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -318,4 +318,12 @@ metadata: {name: empty, namespace: matrix}
 spec:
   selector: {app: nothing}
   ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-udp, namespace: matrix}
+spec:
+  type: LoadBalancer
+  selector: {app: echo}
+  ports: [{port: 53, targetPort: 5353, protocol: UDP, nodePort: 30053}]
 "#;
