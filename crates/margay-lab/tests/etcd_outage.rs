@@ -414,3 +414,34 @@ fn sleep_until(t: Instant) {
         std::thread::sleep(left);
     }
 }
+
+/// The lab's etcd and its data go with `margay-lab down`, also when the lab's state was lost
+/// (a crash): `down` finds etcd by the lab's cgroup and namespaces, and its data directory is
+/// inside the state directory it removes.
+#[test]
+fn down_removes_the_lab_etcd_and_its_data_after_a_crash() {
+    if skip_unless_root("down_removes_the_lab_etcd_and_its_data_after_a_crash") {
+        return;
+    }
+    let lab = TestLab::up("ec", &["--datastore", "etcd"]);
+    lab.assert_on_lab_etcd();
+    let status = lab.ok(&["etcd", "status"]);
+    let pid: u32 = status
+        .rsplit("pid ")
+        .next()
+        .and_then(|p| p.trim().trim_end_matches(')').parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {status:?}"));
+    let state_dir = format!("/run/margay-lab/{}", lab.name);
+    assert!(std::path::Path::new(&format!("{state_dir}/etcd/data")).is_dir());
+    std::fs::remove_file(format!("{state_dir}/state.json")).unwrap();
+    lab.ok(&["down"]);
+    wait_until(Duration::from_secs(5), "etcd has exited", || {
+        // Gone, or a zombie its parent has not collected yet.
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |s| s.split_whitespace().nth(2) == Some("Z"))
+    });
+    assert!(
+        !std::path::Path::new(&state_dir).exists(),
+        "{state_dir} (etcd's data) is left"
+    );
+}

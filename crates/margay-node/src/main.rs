@@ -24,9 +24,11 @@ struct Args {
     /// This node's name (its Node resource).
     #[arg(long, env = "NODENAME", required_unless_present = "cleanup")]
     node_name: Option<String>,
-    /// The datastore URL.
-    #[arg(long, env = "MARGAY_DATASTORE", default_value = margay_datastore::DEFAULT_DATASTORE_URL)]
-    datastore: String,
+    /// The datastore URL (`sqlite:///path`, `etcd://HOST:PORT,...`). Without it, calico-node's
+    /// settings (`DATASTORE_TYPE=etcdv3`, `ETCD_ENDPOINTS`) as margayctl reads them, else
+    /// `sqlite:///var/lib/margay/margay.db`.
+    #[arg(long, env = "MARGAY_DATASTORE", value_name = "URL")]
+    datastore: Option<String>,
     /// This node's IPv4 address and prefix length on the network between nodes (10.224.0.4/16).
     #[arg(long, value_name = "IP/PREFIX", required_unless_present = "cleanup")]
     node_ip: Option<ipnet::Ipv4Net>,
@@ -102,9 +104,16 @@ fn main() -> ExitCode {
     let state_dir = args
         .state_dir
         .unwrap_or_else(|| wireguard::key::default_state_dir(&node));
+    let datastore_url = match margay_datastore::open::datastore_url(args.datastore.as_deref()) {
+        Ok(url) => url,
+        Err(e) => {
+            eprintln!("margay-node: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = agent::AgentConfig {
         node,
-        datastore_url: args.datastore,
+        datastore_url,
         node_ip: node_ip.addr(),
         node_prefix_len: node_ip.prefix_len(),
         health_listen: args.health_listen,
