@@ -80,6 +80,7 @@ static __always_inline int mg_ct_hit(struct __sk_buff *skb, struct mg_pkt *p, st
 			return mg_drop(MG_DROP_NAT_WRITE);
 		if (v->psnat_port && mg_rewrite(skb, p, MG_REWRITE_SRC, p->saddr, v->psnat_port))
 			return mg_drop(MG_DROP_NAT_WRITE);
+		skb->mark |= MG_MARK_TRANSLATED;
 		return TC_ACT_OK;
 	case MG_CT_NAT_REV:
 		if (from_client)
@@ -99,6 +100,7 @@ static __always_inline int mg_ct_hit(struct __sk_buff *skb, struct mg_pkt *p, st
 		}
 		if (mg_rewrite(skb, p, MG_REWRITE_SRC, v->nat_addr, v->nat_port))
 			return mg_drop(MG_DROP_NAT_WRITE);
+		skb->mark |= MG_MARK_TRANSLATED;
 		return TC_ACT_OK;
 	case MG_CT_TUNNEL:
 		/* Ingress node: the client's packets go in the tunnel, untranslated. */
@@ -180,6 +182,7 @@ static __always_inline int mg_new_flow(struct __sk_buff *skb, struct mg_pkt *p, 
 		return mg_drop(MG_DROP_NAT_WRITE);
 	if (psnat_port && mg_rewrite(skb, p, MG_REWRITE_SRC, p->saddr, psnat_port))
 		return mg_drop(MG_DROP_NAT_WRITE);
+	skb->mark |= MG_MARK_TRANSLATED;
 	mg_count(MG_CNT_NEW_FLOW);
 	mg_debug("new flow svc %u -> %pI4:%u", fe->svc_id, &be.addr, bpf_ntohs(be.port));
 	return TC_ACT_OK;
@@ -216,6 +219,7 @@ static __always_inline int mg_new_tunnelled_flow(struct __sk_buff *skb, struct m
 		return mg_drop(MG_DROP_NAT_WRITE);
 	if (psnat_port && mg_rewrite(skb, p, MG_REWRITE_SRC, p->saddr, psnat_port))
 		return mg_drop(MG_DROP_NAT_WRITE);
+	skb->mark |= MG_MARK_TRANSLATED;
 	mg_count(MG_CNT_NEW_FLOW);
 	mg_debug("tunnelled flow svc %u from %pI4 -> %pI4", fe->svc_id, &ingress, &be.addr);
 	return TC_ACT_OK;

@@ -304,6 +304,13 @@ struct mg_log_event {
 
 /* Size of the ring buffer mg_log in bytes (a power of two, a multiple of the page size). */
 #define MG_LOG_RING_BYTES (256 * 1024)
+ * skb->mark bit for a packet the programs translated (DNAT or SNAT from conntrack or a new flow).
+ * The kernel's conntrack sees such a flow half translated (the reply carries the frontend, the
+ * request the backend), so it judges the replies INVALID; the agent's iptables rules accept
+ * packets with this bit before kube-proxy's "drop INVALID" (needed while both dataplanes are in
+ * place: during a switch, and in BPF mode with bpfKubeProxyIptablesCleanupEnabled false).
+ */
+#define MG_MARK_TRANSLATED 0x02000000u
 
 /* Log levels, the values of the load-time constant `mg_log_level`. */
 #define MG_LOG_OFF   0

@@ -395,7 +395,8 @@ fn single_packet_cases() {
             verdict: TC_ACT_OK,
             output: Some(with_opts.with_dst(BE1)),
             counter: Some(Reason::NewFlow),
-            mark: 0,
+            // Translated: the agent's iptables rules accept it ahead of "drop INVALID".
+            mark: 0x0200_0000,
         },
     ];
     let mut h = Harness::new();

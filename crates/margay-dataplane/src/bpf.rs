@@ -542,6 +542,16 @@ impl BpfNatDriver {
         Ok(removed)
     }
 
+    /// Flows in conntrack that may still send packets ([`conntrack::live_flows`]).
+    pub fn live_flows(&self, timeouts: &Timeouts) -> Result<usize, BpfError> {
+        let entries = self.maps.conntrack.entries()?;
+        Ok(conntrack::live_flows(
+            &entries,
+            conntrack::monotonic_now_ns(),
+            timeouts,
+        ))
+    }
+
     /// One conntrack cleanup pass ([`conntrack::cleanup`]) with the driver's model: expired
     /// pairs and orphans always; flows to backends the model no longer has only once the model
     /// has been applied.

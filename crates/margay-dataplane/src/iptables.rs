@@ -338,6 +338,12 @@ fn foreign_references(table: Table, have: &SavedTable) -> BTreeSet<String> {
         .collect()
 }
 
+/// A rule in a built-in chain that Margay owns: a jump into an owned chain, or a rule of its own
+/// there (its comment starts with "margay: ", e.g. the accept of what the BPF programs translated).
+fn is_owned_builtin_rule(rule: &str) -> bool {
+    rule_target(rule).is_some_and(|t| is_owned_chain(&t)) || rule.contains("--comment \"margay: ")
+}
+
 /// For each built-in chain: which wanted jumps are missing (to insert), and which rules to
 /// delete (extra copies of wanted jumps, and rules into owned chains that are not wanted).
 fn jump_fixes(table: Table, jumps: &[Jump], have: &SavedTable) -> (Vec<Jump>, Vec<Jump>) {
@@ -354,7 +360,7 @@ fn jump_fixes(table: Table, jumps: &[Jump], have: &SavedTable) -> (Vec<Jump>, Ve
                 if *count > 1 {
                     delete.push(Jump::new(chain, rule.clone()));
                 }
-            } else if rule_target(rule).is_some_and(|t| is_owned_chain(&t)) {
+            } else if is_owned_builtin_rule(rule) {
                 delete.push(Jump::new(chain, rule.clone()));
             }
         }

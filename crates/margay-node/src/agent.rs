@@ -47,6 +47,9 @@ pub struct AgentConfig {
 /// How often the Node's status is refreshed even when nothing changed (last sync time).
 const STATUS_HEARTBEAT: Duration = Duration::from_secs(60);
 
+/// How often a node leaving BPF checks whether the flows its programs translated have ended.
+const DRAIN_CHECK: Duration = Duration::from_secs(1);
+
 pub async fn run(config: AgentConfig) -> Result<()> {
     let status: SharedStatus = Arc::new(std::sync::RwLock::new(AgentStatus {
         node: config.node.clone(),
@@ -158,6 +161,10 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 last_sync = Some(Instant::now());
                 agent.sync_dataplane().await;
             }
+            _ = tokio::time::sleep(DRAIN_CHECK), if in_sync && agent.draining() => {
+                last_sync = Some(Instant::now());
+                agent.sync_dataplane().await;
+            }
             _ = tokio::time::sleep_until(heartbeat.into()), if in_sync => {
                 last_sync = Some(Instant::now());
                 agent.sync_dataplane().await;
@@ -225,6 +232,12 @@ struct Agent {
 }
 
 impl Agent {
+    /// Whether BPF programs are still attached for flows they opened before a switch to
+    /// Iptables (the loop then syncs every [`DRAIN_CHECK`] to remove them once those end).
+    fn draining(&self) -> bool {
+        self.bpf.as_ref().is_some_and(BpfDataplane::draining)
+    }
+
     /// Records that the dataplane reflects `revision` (no change since the last sync mattered).
     fn report_progress(&mut self, revision: u64) {
         let snapshot = match self.status.write() {
@@ -303,10 +316,15 @@ impl Agent {
         // The Service dataplane: BPF when asked for and the node passes the preflight,
         // kube-proxy's rules otherwise.
         let mut active = LinuxDataplane::Iptables;
-        let mut leaving_bpf = None;
         let mut bpf_summary = String::new();
         match requested {
             LinuxDataplane::Bpf => {
+                // Back to BPF while the programs were still draining: they take new flows again.
+                if let Some(bpf) = self.bpf.as_mut()
+                    && let Err(e) = bpf.resume()
+                {
+                    errors.push(format!("bpf: {e:#}"));
+                }
                 if self.bpf.is_none() {
                     let started = tokio::task::block_in_place(|| {
                         BpfDataplane::start(
@@ -351,7 +369,7 @@ impl Agent {
                     }
                 }
             }
-            LinuxDataplane::Iptables => leaving_bpf = self.bpf.take(),
+            LinuxDataplane::Iptables => {}
             other => {
                 message = Some(format!(
                     "{other} is not a dataplane this agent runs; staying in Iptables"
@@ -383,11 +401,39 @@ impl Agent {
                 )
                 .await
         };
-        // Back to Iptables: the rules above are in place before the programs go.
-        if let Some(bpf) = leaving_bpf {
-            match tokio::task::block_in_place(|| bpf.remove()) {
-                Ok(()) => tracing::info!("BPF dataplane removed"),
-                Err(e) => errors.push(format!("bpf removal: {e:#}")),
+        // Back to Iptables: once the rules above are in place, the programs stop taking new
+        // flows but go on translating the ones they opened (the kernel's conntrack never saw
+        // those whole: kube-proxy's rules would NAT their next packet as a new flow, to another
+        // source); when none is left, every program, link and map goes.
+        if active != LinuxDataplane::Bpf
+            && proxy.is_ok()
+            && let Some(bpf) = self.bpf.as_mut()
+        {
+            let cidrs: Vec<ipnet::Ipv4Net> = pools.iter().map(|(n, _)| *n).collect();
+            let live = tokio::task::block_in_place(|| {
+                let was_draining = bpf.draining();
+                bpf.start_drain(&node, &local_ips, &cidrs)?;
+                if !was_draining {
+                    tracing::info!("BPF programs take no new flows; draining the ones they opened");
+                }
+                bpf.live_flows(&felix)
+            });
+            match live {
+                Ok(0) => {
+                    let bpf = self.bpf.take().expect("checked above");
+                    match tokio::task::block_in_place(|| bpf.remove()) {
+                        Ok(()) => tracing::info!("BPF dataplane removed"),
+                        Err(e) => errors.push(format!("bpf removal: {e:#}")),
+                    }
+                }
+                Ok(n) => {
+                    let m = format!(
+                        "BPF programs stay attached for {n} flows they translated, until those end"
+                    );
+                    bpf_summary = m.clone();
+                    message = Some(message.map_or(m.clone(), |prev| format!("{prev}; {m}")));
+                }
+                Err(e) => errors.push(format!("bpf drain: {e:#}")),
             }
         }
         let rule_summary = match proxy {

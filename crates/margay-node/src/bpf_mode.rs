@@ -42,6 +42,11 @@ pub struct BpfDataplane {
     debug_log: bool,
     /// Stops the thread that logs the programs' packet decisions.
     log_stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Where connect-time load balancing attaches (None: it is off).
+    ctlb_cgroup: Option<PathBuf>,
+    /// Leaving BPF: no frontend, no connect-time load balancing; the programs only go on
+    /// translating the flows they opened, until those end.
+    draining: bool,
 }
 
 impl Drop for BpfDataplane {
@@ -138,7 +143,7 @@ impl BpfDataplane {
             felix.bpf_connect_time_load_balancing,
             Some(margay_api::calico::felix::ConnectTimeLoadBalancing::Enabled)
         );
-        let mut dp = Dataplane::load(&config).context("cannot load the BPF programs")?;
+        let dp = Dataplane::load(&config).context("cannot load the BPF programs")?;
         if !dp.replaced_maps().is_empty() {
             tracing::warn!(maps = ?dp.replaced_maps(), "recreated pinned maps whose layout or size changed");
         }
@@ -150,18 +155,6 @@ impl BpfDataplane {
             Some(c) if c.exists() => Some(c.to_owned()),
             _ => own_cgroup(bpffs).ok(),
         };
-        if let (true, Some(cgroup)) = (ctlb, resolved.as_deref()) {
-            let links = bpffs.join("links");
-            std::fs::create_dir_all(&links)?;
-            for prog in CgroupProgram::ALL {
-                let pin = links.join(format!("cgroup_{}", prog.name()));
-                dp.attach_cgroup_pinned(prog, cgroup, &pin)
-                    .with_context(|| {
-                        format!("cannot attach {} to {}", prog.name(), cgroup.display())
-                    })?;
-            }
-            tracing::info!(cgroup = %cgroup.display(), "connect-time load balancing attached");
-        }
         let driver = BpfNatDriver::new(dp.maps()?).context("cannot open the NAT maps")?;
         let routes: BTreeMap<Ipv4Net, RouteValue> =
             driver.maps().routes.entries()?.into_iter().collect();
@@ -187,8 +180,11 @@ impl BpfDataplane {
             last_scan: Instant::now(),
             debug_log: false,
             log_stop,
+            ctlb_cgroup: resolved.filter(|_| ctlb),
+            draining: false,
         };
         bpf.set_debug_log(felix)?;
+        bpf.attach_cgroups()?;
         Ok(bpf)
     }
 
@@ -204,6 +200,82 @@ impl BpfDataplane {
             tracing::info!(on, "bpfLogLevel Debug: packet decision log");
         }
         Ok(())
+    }
+
+    /// Connect-time load balancing on the node's cgroup (links pinned beside the TC ones).
+    fn attach_cgroups(&mut self) -> Result<()> {
+        let Some(cgroup) = self.ctlb_cgroup.clone() else {
+            return Ok(());
+        };
+        let links = self.pin_dir.join("links");
+        std::fs::create_dir_all(&links)?;
+        for prog in CgroupProgram::ALL {
+            let pin = links.join(format!("cgroup_{}", prog.name()));
+            self.dp
+                .attach_cgroup_pinned(prog, &cgroup, &pin)
+                .with_context(|| {
+                    format!("cannot attach {} to {}", prog.name(), cgroup.display())
+                })?;
+        }
+        tracing::info!(cgroup = %cgroup.display(), "connect-time load balancing attached");
+        Ok(())
+    }
+
+    /// Leaving BPF, once kube-proxy's rules are in place: connect-time load balancing goes
+    /// (sockets it already connected reach their backend directly and need nothing more) and
+    /// every NAT frontend is removed, so that every new flow misses and goes to the iptables
+    /// rules; conntrack stays, and with it the translation of the flows the programs opened,
+    /// which the kernel's conntrack never saw whole. [`Self::live_flows`] says when they ended.
+    pub fn start_drain(
+        &mut self,
+        node: &str,
+        node_ips: &[Ipv4Addr],
+        pools: &[Ipv4Net],
+    ) -> Result<()> {
+        if self.draining {
+            return Ok(());
+        }
+        let links = self.pin_dir.join("links");
+        for prog in CgroupProgram::ALL {
+            let pin = links.join(format!("cgroup_{}", prog.name()));
+            // The pin holds the only reference: removing it detaches the program.
+            match std::fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot remove {}", pin.display()));
+                }
+            }
+        }
+        let context = NodeContext {
+            node_name: node.to_owned(),
+            node_ips: node_ips.to_vec(),
+            cluster_cidrs: pools.to_vec(),
+        };
+        self.driver
+            .sync(&[], &[], &context)
+            .context("cannot remove the NAT frontends")?;
+        self.draining = true;
+        Ok(())
+    }
+
+    /// Back to BPF before the drain ended: connect-time load balancing again; the next
+    /// [`Self::sync`] writes the frontends.
+    pub fn resume(&mut self) -> Result<()> {
+        if self.draining {
+            self.attach_cgroups()?;
+            self.draining = false;
+        }
+        Ok(())
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining
+    }
+
+    /// The flows in conntrack that may still send packets (neither closed nor expired).
+    pub fn live_flows(&self, felix: &FelixConfigurationSpec) -> Result<usize> {
+        Ok(self.driver.live_flows(&Timeouts::from_felix(felix))?)
     }
 
     /// Attaches the TC programs to new interfaces, writes the NAT maps, and now and then removes

@@ -59,6 +59,7 @@ impl ProxyDataplane {
         if bpf_active {
             ruleset.add_bpf_forward_accept();
         }
+        ruleset.add_bpf_translated_accept();
         // iptables-restore is a blocking process; keep the runtime's other tasks (health
         // checks) running meanwhile.
         let report = tokio::task::block_in_place(|| self.driver.sync(&ruleset))?;
@@ -90,6 +91,8 @@ impl ProxyDataplane {
     ) -> Result<ProxySummary> {
         let mut ruleset = margay_calc::Ruleset::default();
         ruleset.add_nat_outgoing(pools);
+        // Kept in BPF mode too, so that it is already there when kube-proxy's rules come back.
+        ruleset.add_bpf_translated_accept();
         let report = tokio::task::block_in_place(|| self.driver.sync(&ruleset))?;
         Ok(ProxySummary {
             description: format!(

@@ -159,6 +159,37 @@ pub fn expired(entries: &[&CtValue], proto: u8, now_ns: u64, t: &Timeouts) -> Op
     }
 }
 
+/// How many flows in `entries` may still send packets at `now_ns`: those neither closed (TCP
+/// with a RST, or a FIN from both sides) nor expired. Each flow counts once, by its forward
+/// entry (NAT) or its only entry (tunnel, no NAT); a reverse entry alone counts too (its peer
+/// was lost, yet it still translates the replies).
+///
+/// This is what a node leaving BPF waits for: until it is zero the programs stay attached so
+/// that the flows they translated keep being translated (the kernel's conntrack never saw them
+/// whole, and kube-proxy's rules would NAT their next packet as a new flow).
+pub fn live_flows(entries: &[(CtKey, CtValue)], now_ns: u64, t: &Timeouts) -> usize {
+    let keys: HashSet<&CtKey> = entries.iter().map(|(k, _)| k).collect();
+    entries
+        .iter()
+        .filter(|(k, v)| match v.kind() {
+            Some(CtType::NatForward | CtType::Tunnel | CtType::Normal) => true,
+            // Counted through its forward entry when that is there.
+            Some(CtType::NatReverse) => !keys.contains(&v.peer),
+            None => false,
+        } && !closed(v, k.proto) && expired(&[v], k.proto, now_ns, t).is_none())
+        .count()
+}
+
+/// A TCP flow that ended (a RST, or a FIN from both sides): nothing more of it needs translating
+/// but stray retransmissions.
+fn closed(v: &CtValue, proto: u8) -> bool {
+    if proto != IPPROTO_TCP {
+        return false;
+    }
+    let (client, server) = v.tcp_client_server();
+    (client | server) & TCP_RST != 0 || client & server & TCP_FIN != 0
+}
+
 fn client_is_b(v: &CtValue) -> bool {
     v.flags & F_CLIENT_IS_B != 0
 }

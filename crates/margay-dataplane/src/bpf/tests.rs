@@ -8,7 +8,7 @@ use margay_bpf::maps::conntrack::{F_CLIENT_IS_B, TCP_ACK, TCP_FIN, TCP_RST, TCP_
 use margay_bpf::maps::{CtKey, CtType, CtValue, NatFrontendKey, Protocol};
 use margay_calc::bpf_nat::{Backend, BackendKey, FrontendKey, FrontendValue, NatModel, Proto};
 
-use super::conntrack::{LiveBackends, Timeouts, expired, frontend_and_backend};
+use super::conntrack::{LiveBackends, Timeouts, expired, frontend_and_backend, live_flows};
 use super::*;
 
 const SEC: u64 = 1_000_000_000;
@@ -277,4 +277,44 @@ fn live_backends_are_per_frontend() {
     assert!(!live.serves(FRONT, 6, (BACK.0, 9999)), "other port");
     assert!(!live.serves((FRONT.0, 81), 6, BACK), "other frontend");
     assert!(live.has_frontend(FRONT, 6));
+}
+
+#[test]
+fn live_flows_counts_each_open_flow_once() {
+    let t = Timeouts::default();
+    let now = 10_000 * SEC;
+    let est = TCP_SYN | TCP_ACK;
+    let with = |(k, v): (CtKey, CtValue), tcp: (u8, u8), last_s: u64| {
+        let mut v = v;
+        // Client is the key's a or b side: write the legs where tcp_client_server reads them.
+        if v.flags & F_CLIENT_IS_B != 0 {
+            (v.tcp_b, v.tcp_a) = tcp;
+        } else {
+            (v.tcp_a, v.tcp_b) = tcp;
+        }
+        v.created_ns = SEC;
+        v.last_seen_ns = last_s * SEC;
+        (k, v)
+    };
+    let (fwd, rev) = pair(Protocol::Tcp);
+    // An established pair: one flow, not two.
+    let open = vec![
+        with(fwd, (est, est), now / SEC),
+        with(rev, (est, est), now / SEC),
+    ];
+    assert_eq!(live_flows(&open, now, &t), 1);
+    // FINs both ways, or a RST: ended at once (no need to wait for tcpFinsSeen).
+    let fins = vec![with(fwd, (est | TCP_FIN, est | TCP_FIN), now / SEC - 1)];
+    assert_eq!(live_flows(&fins, now, &t), 0);
+    let half = vec![with(fwd, (est | TCP_FIN, est), now / SEC - 1)];
+    assert_eq!(live_flows(&half, now, &t), 1, "only the client closed");
+    let reset = vec![with(fwd, (est, est | TCP_RST), now / SEC - 1)];
+    assert_eq!(live_flows(&reset, now, &t), 0);
+    // Idle past its timeout: expired, not live.
+    let (ufwd, urev) = pair(Protocol::Udp);
+    let idle = vec![with(ufwd, (0, 0), now / SEC - 61)];
+    assert_eq!(live_flows(&idle, now, &t), 0);
+    // A lone reverse entry still translates replies.
+    let lone = vec![with(urev, (0, 0), now / SEC - 1)];
+    assert_eq!(live_flows(&lone, now, &t), 1);
 }
