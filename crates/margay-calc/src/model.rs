@@ -395,16 +395,26 @@ impl RestorePlan {
                 .filter(|name| !new.chains.contains_key(*name))
                 .cloned()
                 .collect();
+            // Insertions go to the top of their chain: where a jump is added, the chain's
+            // other wanted jumps are deleted and inserted again with it, in their order, so
+            // that one that must come first (the accept of BPF-translated packets, ahead of
+            // KUBE-FORWARD) stays first.
+            let redo: BTreeSet<&str> = new
+                .jumps
+                .iter()
+                .filter(|j| !old.jumps.contains(j))
+                .map(|j| j.chain.as_str())
+                .collect();
             tp.delete_jumps = old
                 .jumps
                 .iter()
-                .filter(|j| !new.jumps.contains(j))
+                .filter(|j| !new.jumps.contains(j) || redo.contains(j.chain.as_str()))
                 .cloned()
                 .collect();
             tp.insert_jumps = new
                 .jumps
                 .iter()
-                .filter(|j| !old.jumps.contains(j))
+                .filter(|j| !old.jumps.contains(j) || redo.contains(j.chain.as_str()))
                 .cloned()
                 .collect();
         }

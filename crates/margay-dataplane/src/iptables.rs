@@ -365,11 +365,25 @@ fn jump_fixes(table: Table, jumps: &[Jump], have: &SavedTable) -> (Vec<Jump>, Ve
             }
         }
     }
-    let insert = jumps
+    let missing = |j: &Jump| !seen.contains_key(&(j.chain.as_str(), as_saved(&j.rule)));
+    // Insertions go to the top of their chain: where one is missing, the chain's wanted jumps
+    // that are there are deleted and all are inserted again in their order (one transaction),
+    // so that a jump that must come first (the accept of BPF-translated packets, ahead of
+    // KUBE-FORWARD) stays first when the others come back.
+    let redo: BTreeSet<&str> = jumps
         .iter()
-        .filter(|j| !seen.contains_key(&(j.chain.as_str(), as_saved(&j.rule))))
-        .cloned()
+        .filter(|j| missing(j))
+        .map(|j| j.chain.as_str())
         .collect();
+    let mut insert = Vec::new();
+    for j in jumps {
+        if redo.contains(j.chain.as_str()) {
+            if !missing(j) {
+                delete.push(Jump::new(&j.chain, as_saved(&j.rule)));
+            }
+            insert.push(j.clone());
+        }
+    }
     (delete, insert)
 }
 

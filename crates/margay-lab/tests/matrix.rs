@@ -672,21 +672,116 @@ fn vxlan_always_carries_pod_traffic_between_nodes_in_a_tunnel() {
 }
 
 #[test]
-fn switching_dataplanes_live_keeps_new_requests_working() {
-    if skip_unless_root("switching_dataplanes_live_keeps_new_requests_working") {
+/// A client that keeps one HTTP connection open and sends a request on it every 200 ms
+/// (`count` requests): curl reuses the connection for every URL of its glob and reports, per
+/// request, whether it had to connect again.
+fn kept_alive(lab: &TestLab, from: &From, url: &str, count: u32) -> std::process::Child {
+    let mut args: Vec<String> = match from {
+        From::Pod(pod) => vec!["exec".into(), "-n".into(), "matrix".into(), (*pod).into()],
+        From::Node(node) => vec!["node".into(), "exec".into(), (*node).into()],
+        From::Client => vec!["client".into()],
+    };
+    args.extend(
+        [
+            "--",
+            "curl",
+            "-s",
+            "--max-time",
+            "60",
+            "--rate",
+            "5/s",
+            "-w",
+            "\n%{num_connects} %{http_code}\n",
+        ]
+        .map(String::from),
+    );
+    args.push(format!("{url}/?n=[1-{count}]"));
+    Command::new(lab.bin_dir.join("margay-lab"))
+        .arg("--name")
+        .arg(&lab.name)
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl")
+}
+
+/// What a kept-alive client saw: (answers, connections made, failed requests, sources the
+/// backend saw).
+fn kept_alive_result(child: std::process::Child) -> (usize, usize, usize, Vec<String>) {
+    let out = child.wait_with_output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (mut answers, mut connects, mut failed) = (0, 0, 0);
+    let mut sources = Vec::new();
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            [n, code] if code.len() == 3 && n.parse::<usize>().is_ok() => {
+                connects += n.parse::<usize>().unwrap_or(0);
+                if *code == "200" {
+                    answers += 1;
+                } else {
+                    failed += 1;
+                }
+            }
+            [peer_line, _name] => sources.push(peer(peer_line).to_owned()),
+            _ => {}
+        }
+    }
+    (answers, connects, failed, sources)
+}
+
+/// The HTTP backend the kept-alive clients talk to (on node-1) and its LoadBalancer Service.
+fn keep_alive_workload(app: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: keep-1, namespace: matrix, labels: {{app: keep}}}}
+spec:
+  nodeName: node-1
+  containers:
+  - name: keep
+    image: margay/echo
+    command: ["{app}", echo, --http, "8081", --name, keep-1]
+    ports: [{{containerPort: 8081}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: keep-lb, namespace: matrix}}
+spec:
+  type: LoadBalancer
+  selector: {{app: keep}}
+  ports: [{{port: 80, targetPort: 8081}}]
+"#
+    )
+}
+
+#[test]
+fn switching_dataplanes_live_drops_no_request_and_no_connection() {
+    if skip_unless_root("switching_dataplanes_live_drops_no_request_and_no_connection") {
         return;
     }
     let lab = TestLab::up("sw", &["--lb-mode", "node-1"]);
     lab.apply(WORKLOADS);
-    let lb = lab.jsonpath(
-        &["svc", "echo-lb", "-n", "matrix"],
-        "{.status.loadBalancer.ingress[0].ip}",
-    );
     let app = lab
         .bin_dir
         .join("margay-demo-app")
         .to_string_lossy()
         .into_owned();
+    lab.apply(&keep_alive_workload(&app));
+    let lb_of = |svc: &str| {
+        lab.jsonpath(
+            &["svc", svc, "-n", "matrix"],
+            "{.status.loadBalancer.ingress[0].ip}",
+        )
+    };
+    let lb = lb_of("echo-lb");
+    let keep_lb = format!("http://{}", lb_of("keep-lb"));
+    let keep_cluster_ip = format!(
+        "http://{}",
+        lab.jsonpath(&["svc", "keep-lb", "-n", "matrix"], "{.spec.clusterIP}")
+    );
     let target = format!("{lb}:80");
     // A steady stream of new connections from the external client while the cluster switches
     // Iptables -> BPF -> Iptables through the Installation, as the seed does.
@@ -699,23 +794,28 @@ fn switching_dataplanes_live_keeps_new_requests_working() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("request stream");
+    // Connections opened in Iptables mode, kept alive across both switches: from the external
+    // client through the LoadBalancer IP, and from a pod on another node through the ClusterIP.
+    let from_iptables = [
+        (
+            "client -> LB, opened in Iptables",
+            kept_alive(&lab, &From::Client, &keep_lb, 60),
+        ),
+        (
+            "pod -> ClusterIP, opened in Iptables",
+            kept_alive(&lab, &From::Pod("client-2"), &keep_cluster_ip, 60),
+        ),
+    ];
     let switch = |dp: &str| {
-        let out = Command::new(lab.bin_dir.join("margayctl"))
-            .args(["patch", "installation", "default", "--type", "merge", "-p"])
-            .arg(format!(
-                r#"{{"spec":{{"calicoNetwork":{{"linuxDataplane":"{dp}"}}}}}}"#
-            ))
-            .env(
-                "MARGAY_DATASTORE",
-                format!("sqlite:///run/margay-lab/{}/margay.db", lab.name),
-            )
-            .output()
-            .expect("margayctl");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        lab.margayctl(&[
+            "patch",
+            "installation",
+            "default",
+            "--type",
+            "merge",
+            "-p",
+            &format!(r#"{{"spec":{{"calicoNetwork":{{"linuxDataplane":"{dp}"}}}}}}"#),
+        ]);
     };
     let wait_for = |dp: &str| {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -732,10 +832,21 @@ fn switching_dataplanes_live_keeps_new_requests_working() {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     };
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    std::thread::sleep(std::time::Duration::from_millis(1500));
     switch("BPF");
     wait_for("BPF");
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    // Connections opened in BPF mode, kept alive across the switch back.
+    let from_bpf = [
+        (
+            "client -> LB, opened in BPF",
+            kept_alive(&lab, &From::Client, &keep_lb, 40),
+        ),
+        (
+            "pod -> ClusterIP, opened in BPF",
+            kept_alive(&lab, &From::Pod("client-2"), &keep_cluster_ip, 40),
+        ),
+    ];
+    std::thread::sleep(std::time::Duration::from_millis(1500));
     switch("Iptables");
     wait_for("Iptables");
     let out = stream.wait_with_output().expect("stream");
@@ -744,7 +855,26 @@ fn switching_dataplanes_live_keeps_new_requests_working() {
     let ok = answers.lines().count();
     let failed = failures.lines().filter(|l| !l.trim().is_empty()).count();
     let sources: std::collections::BTreeSet<&str> = answers.lines().map(peer).collect();
-    println!("switch under load: {ok} answered, {failed} failed; sources seen {sources:?}");
+    println!(
+        "new connections during the switches: {ok} answered, {failed} failed; sources seen {sources:?}"
+    );
+    let mut problems = Vec::new();
+    for (what, child) in from_iptables.into_iter().chain(from_bpf) {
+        let (answered, connects, failed, seen) = kept_alive_result(child);
+        let seen: std::collections::BTreeSet<String> = seen.into_iter().collect();
+        println!(
+            "kept-alive {what}: {answered} answered, {failed} failed, {connects} connection(s); backend saw {seen:?}"
+        );
+        if failed > 0 || connects != 1 || answered < 40 {
+            problems.push(format!(
+                "{what}: {answered} answered, {failed} failed, {connects} connections"
+            ));
+        }
+        // Opened in BPF from outside: the backend saw the client's own address (BPF served it).
+        if what == "client -> LB, opened in BPF" && !seen.contains(CLIENT) {
+            problems.push(format!("{what}: not served by BPF: {seen:?}"));
+        }
+    }
     // Both dataplanes answered: the node's address (Iptables) and the client's own (BPF).
     assert!(
         sources.contains(CLIENT),
@@ -754,9 +884,15 @@ fn switching_dataplanes_live_keeps_new_requests_working() {
         sources.contains(NODE_1),
         "Iptables never served the stream: {sources:?}"
     );
+    assert_eq!(
+        (ok, failed),
+        (300, 0),
+        "requests failed during the switches:\n{failures}"
+    );
     assert!(
-        ok >= 290,
-        "too many failures during the switches: {failed}\n{failures}"
+        problems.is_empty(),
+        "kept-alive connections broke:\n{}",
+        problems.join("\n")
     );
     // After the switch back, kube-proxy's rules are in place again.
     let saved = lab.ok(&["node", "exec", "node-1", "--", "iptables-save", "-t", "nat"]);

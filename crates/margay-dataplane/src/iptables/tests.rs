@@ -250,3 +250,24 @@ fn restore_context_shows_the_failing_line() {
     assert!(ctx.contains("    2 :A - [0:0]"), "{ctx}");
     assert_eq!(restore_context(input, "no number"), "");
 }
+
+#[test]
+fn jumps_that_come_back_go_below_the_ones_that_must_stay_first() {
+    // BPF mode: only the accept of BPF-translated packets (and natOutgoing) in FORWARD.
+    let mut d = driver();
+    let mut bpf_mode = Ruleset::default();
+    bpf_mode.add_nat_outgoing(&[("10.244.0.0/16".parse().unwrap(), true)]);
+    bpf_mode.add_bpf_translated_accept();
+    d.sync(&bpf_mode).unwrap();
+    // Back to Iptables: kube-proxy's jumps return, and must come after the accept.
+    let mut iptables_mode = ruleset(&["alpha"], 1, true);
+    iptables_mode.add_bpf_translated_accept();
+    d.sync(&iptables_mode).unwrap();
+    let forward = d.backend().chain(Table::Filter, "FORWARD").unwrap();
+    assert!(forward[0].contains("0x2000000"), "{forward:#?}");
+    assert_eq!(
+        forward.iter().filter(|r| r.contains("0x2000000")).count(),
+        1
+    );
+    assert_no_drift(&mut d, &iptables_mode);
+}
