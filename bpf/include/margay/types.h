@@ -304,6 +304,8 @@ struct mg_log_event {
 
 /* Size of the ring buffer mg_log in bytes (a power of two, a multiple of the page size). */
 #define MG_LOG_RING_BYTES (256 * 1024)
+
+/*
  * skb->mark bit for a packet the programs translated (DNAT or SNAT from conntrack or a new flow).
  * The kernel's conntrack sees such a flow half translated (the reply carries the frontend, the
  * request the backend), so it judges the replies INVALID; the agent's iptables rules accept
