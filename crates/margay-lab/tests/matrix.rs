@@ -671,7 +671,6 @@ fn vxlan_always_carries_pod_traffic_between_nodes_in_a_tunnel() {
     assert_eq!(code, 0, "pod -> pod directly again: {line}");
 }
 
-#[test]
 /// A client that keeps one HTTP connection open and sends a request on it every 200 ms
 /// (`count` requests): curl reuses the connection for every URL of its glob and reports, per
 /// request, whether it had to connect again.
