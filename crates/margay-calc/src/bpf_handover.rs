@@ -40,7 +40,6 @@ impl Ruleset {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::kube_proxy::{NodeContext, kube_proxy_ruleset};
 
     #[test]
