@@ -17,6 +17,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use margay_api::calico::FelixConfigurationSpec;
 use margay_bpf::maps::RouteValue;
+use margay_bpf::maps::ifstate::{IF_HOST, IF_READY, IF_WORKLOAD, IfStateValue};
 use margay_bpf::maps::routes::{
     RT_IN_POOL, RT_LOCAL_HOST, RT_LOCAL_WL, RT_REMOTE_HOST, RT_REMOTE_WL,
 };
@@ -35,6 +36,8 @@ pub struct BpfDataplane {
     driver: BpfNatDriver,
     pin_dir: PathBuf,
     attached: BTreeSet<(String, &'static str)>,
+    /// What `mg_ifstate` holds, by ifindex.
+    if_states: BTreeMap<u32, IfStateValue>,
     /// What `mg_routes` holds (adopted from the pin at start, then kept by difference).
     routes: BTreeMap<Ipv4Net, RouteValue>,
     last_scan: Instant,
@@ -158,6 +161,9 @@ impl BpfDataplane {
         let driver = BpfNatDriver::new(dp.maps()?).context("cannot open the NAT maps")?;
         let routes: BTreeMap<Ipv4Net, RouteValue> =
             driver.maps().routes.entries()?.into_iter().collect();
+        // Adopted with the maps, so a restarted agent rewrites none of it.
+        let if_states: BTreeMap<u32, IfStateValue> =
+            driver.maps().if_state.entries()?.into_iter().collect();
         let adopted = driver.adopted();
         if adopted.frontends + adopted.backends + routes.len() > 0 {
             // A restart: the maps were pinned by the previous agent and keep serving; only
@@ -176,6 +182,7 @@ impl BpfDataplane {
             driver,
             pin_dir: bpffs.to_owned(),
             attached: BTreeSet::new(),
+            if_states,
             routes,
             last_scan: Instant::now(),
             debug_log: false,
@@ -302,13 +309,17 @@ impl BpfDataplane {
             .context("no bpfDataIfacePattern")?;
         let links = self.pin_dir.join("links");
         std::fs::create_dir_all(&links)?;
-        for iface in interfaces()? {
-            let progs: &[TcProgram] = if iface.starts_with("cali") {
-                &[TcProgram::FromWorkload, TcProgram::ToWorkload]
+        let mut if_states = BTreeMap::new();
+        for (iface, ifindex) in interfaces()? {
+            let (progs, kind): (&[TcProgram], u32) = if iface.starts_with("cali") {
+                (
+                    &[TcProgram::FromWorkload, TcProgram::ToWorkload],
+                    IF_WORKLOAD,
+                )
             } else if pattern.is_match(&iface) {
-                &[TcProgram::FromHostIface, TcProgram::ToHostIface]
+                (&[TcProgram::FromHostIface, TcProgram::ToHostIface], IF_HOST)
             } else {
-                &[]
+                (&[], 0)
             };
             for prog in progs {
                 if self.attached.contains(&(iface.clone(), prog.name())) {
@@ -320,7 +331,11 @@ impl BpfDataplane {
                     .with_context(|| format!("cannot attach {} to {iface}", prog.name()))?;
                 self.attached.insert((iface.clone(), prog.name()));
             }
+            if !progs.is_empty() {
+                if_states.insert(ifindex, IfStateValue::new(kind | IF_READY, &iface));
+            }
         }
+        let if_changes = self.write_if_states(if_states)?;
         // Tunnel mode: this node's address tells the programs to send external flows for
         // backends on other nodes to those nodes (whose addresses the backends carry).
         self.set_debug_log(felix)?;
@@ -359,9 +374,10 @@ impl BpfDataplane {
         };
         let report = self.driver.sync(services, slices, &context)?;
         let mut summary = format!(
-            "{} programs attached; {} routes ({route_changes} written or removed); NAT {report:?}",
+            "{} programs attached; {} routes ({route_changes} written or removed); {} interfaces ({if_changes} written or removed); NAT {report:?}",
             self.attached.len(),
-            self.routes.len()
+            self.routes.len(),
+            self.if_states.len()
         );
         if self.last_scan.elapsed() >= CONNTRACK_SCAN {
             self.last_scan = Instant::now();
@@ -375,6 +391,27 @@ impl BpfDataplane {
 
     /// Makes `mg_routes` hold `desired`, writing only the difference; returns how many entries
     /// were written or removed.
+    /// Writes `mg_ifstate` by difference: one entry per interface our programs are attached to
+    /// (what it is, its name), so dumps and debug lines can name an ifindex.
+    fn write_if_states(&mut self, desired: BTreeMap<u32, IfStateValue>) -> Result<usize> {
+        let map = &mut self.driver.maps_mut().if_state;
+        let mut changes = 0;
+        for (ifindex, value) in &desired {
+            if self.if_states.get(ifindex) != Some(value) {
+                map.insert(*ifindex, value)?;
+                changes += 1;
+            }
+        }
+        for ifindex in self.if_states.keys() {
+            if !desired.contains_key(ifindex) {
+                map.remove(*ifindex)?;
+                changes += 1;
+            }
+        }
+        self.if_states = desired;
+        Ok(changes)
+    }
+
     fn write_routes(&mut self, desired: BTreeMap<Ipv4Net, RouteValue>) -> Result<usize> {
         let map = &mut self.driver.maps_mut().routes;
         let mut changes = 0;
@@ -535,8 +572,8 @@ fn local_workloads() -> Result<Vec<(Ipv4Addr, u32)>> {
         .collect())
 }
 
-/// The names of this namespace's interfaces.
-fn interfaces() -> Result<Vec<String>> {
+/// The names and ifindexes of this namespace's interfaces.
+fn interfaces() -> Result<Vec<(String, u32)>> {
     let out = std::process::Command::new("ip")
         .args(["-j", "link", "show"])
         .output()
@@ -547,7 +584,11 @@ fn interfaces() -> Result<Vec<String>> {
         .filter(|l| {
             l["operstate"] != "DOWN" || l["ifname"].as_str().is_some_and(|n| n.starts_with("cali"))
         })
-        .filter_map(|l| l["ifname"].as_str().map(str::to_owned))
-        .filter(|n| n != "lo")
+        .filter_map(|l| {
+            let name = l["ifname"].as_str()?;
+            let index = u32::try_from(l["ifindex"].as_u64()?).ok()?;
+            Some((name.to_owned(), index))
+        })
+        .filter(|(n, _)| n != "lo")
         .collect())
 }

@@ -78,6 +78,15 @@ impl IfState {
         found(self.map.get(&IfStateKey { ifindex }, 0), names::IF_STATE)
     }
 
+    /// Every entry, for dumps.
+    pub fn entries(&self) -> Result<Vec<(u32, IfStateValue)>, Error> {
+        self.map
+            .iter()
+            .map(|r| r.map(|(k, v)| (k.ifindex, v)))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::IF_STATE))
+    }
+
     pub fn remove(&mut self, ifindex: u32) -> Result<(), Error> {
         ignore_missing(self.map.remove(&IfStateKey { ifindex }), names::IF_STATE)
     }

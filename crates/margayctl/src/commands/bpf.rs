@@ -15,6 +15,7 @@ use margay_api::Kind;
 use margay_bpf::maps::conntrack::{
     F_CLIENT_IS_B, F_DSR, F_EXTERNAL, F_FROM_TUNNEL, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
+use margay_bpf::maps::ifstate::IfStateValue;
 use margay_bpf::maps::nat::{
     FE_BLACKHOLE, FE_EXT_LOCAL, FE_INT_LOCAL, FE_SRC_RANGES, NODEPORT_ANY,
 };
@@ -62,7 +63,10 @@ pub async fn run(datastore: Option<&str>, command: BpfCommand) -> Result<()> {
             now_ns,
         ),
         View::Conntrack => conntrack_view(&maps.conntrack.entries()?, now_ns),
-        View::Routes => routes_view(&maps.routes.entries()?),
+        View::Routes => routes_view(
+            &maps.routes.entries()?,
+            &maps.if_state.entries()?.into_iter().collect(),
+        ),
         View::Counters => counters_view(
             &maps
                 .counters
@@ -547,7 +551,11 @@ fn conntrack_text(v: &Value) -> String {
 
 // === Routes ===
 
-fn routes_view(entries: &[(ipnet::Ipv4Net, RouteValue)]) -> Value {
+/// `interfaces`: `mg_ifstate`'s names by ifindex, as the agent wrote them.
+fn routes_view(
+    entries: &[(ipnet::Ipv4Net, RouteValue)],
+    interfaces: &std::collections::BTreeMap<u32, IfStateValue>,
+) -> Value {
     let mut sorted: Vec<&(ipnet::Ipv4Net, RouteValue)> = entries.iter().collect();
     sorted.sort_by_key(|(n, _)| (u32::from(n.addr()), n.prefix_len()));
     Value::Array(
@@ -572,6 +580,7 @@ fn routes_view(entries: &[(ipnet::Ipv4Net, RouteValue)]) -> Value {
                     "type": kind,
                     "inPool": v.flags & RT_IN_POOL != 0,
                     "ifindex": (v.ifindex != 0).then_some(v.ifindex),
+                    "interface": interfaces.get(&v.ifindex).map(IfStateValue::name),
                     "nextHop": (v.next_hop != 0).then(|| v.next_hop().to_string()),
                 })
             })
@@ -593,6 +602,9 @@ fn routes_text(v: &Value) -> String {
         }
         if let Some(i) = r["ifindex"].as_u64() {
             line.push_str(&format!(" ifindex {i}"));
+            if let Some(name) = r["interface"].as_str() {
+                line.push_str(&format!(" ({name})"));
+            }
         }
         if let Some(n) = r["nextHop"].as_str() {
             line.push_str(&format!(" via {n}"));
@@ -632,6 +644,7 @@ fn counters_text(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use margay_bpf::maps::ifstate::{IF_READY, IF_WORKLOAD};
     use margay_bpf::maps::{CtKey, NatBackendValue, NatFrontendKey};
 
     const NS: u64 = 1_000_000_000;
@@ -774,14 +787,21 @@ TCP 203.0.113.10:40000 -> 10.244.1.5:8080  nat-reverse frontend 10.224.0.4:30080
             next_hop: 0,
             pad: 0,
         };
-        let view = routes_view(&[
-            ("10.244.2.0/26".parse().expect("net"), remote),
-            ("10.244.1.5/32".parse().expect("net"), local),
-        ]);
+        let interfaces = [(
+            12,
+            IfStateValue::new(IF_WORKLOAD | IF_READY, "cali1a2b3c4d5e6"),
+        )];
+        let view = routes_view(
+            &[
+                ("10.244.2.0/26".parse().expect("net"), remote),
+                ("10.244.1.5/32".parse().expect("net"), local),
+            ],
+            &interfaces.into_iter().collect(),
+        );
         assert_eq!(
             routes_text(&view),
             "\
-10.244.1.5/32      local-workload in-pool ifindex 12
+10.244.1.5/32      local-workload in-pool ifindex 12 (cali1a2b3c4d5e6)
 10.244.2.0/26      remote-workload in-pool via 10.224.0.5
 2 routes
 "
