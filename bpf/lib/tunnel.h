@@ -18,6 +18,13 @@
  *                  pod network VXLAN device) is left alone
  *   decapsulation  mg_tunnel_decap: removes outer IPv4 (with options), UDP, VXLAN and the inner
  *                  Ethernet header; the outer Ethernet header stays
+ *   WireGuard      to a node whose mg_routes entry says MG_RT_F_WIREGUARD the encapsulated packet
+ *                  is redirected into the WireGuard device instead (mg_tunnel_send_wireguard;
+ *                  the kernel strips the Ethernet header for that L3 device), so the tunnel is
+ *                  encrypted like pod traffic. The receiving node's WireGuard device hands it
+ *                  back decrypted, without an Ethernet header: mg_wireguard_ingress gives it the
+ *                  one it would have had on the underlay and re-injects it into the underlay
+ *                  interface's ingress, where mg_from_hep handles it as any tunnelled packet.
  */
 #ifndef MARGAY_LIB_TUNNEL_H
 #define MARGAY_LIB_TUNNEL_H
@@ -222,6 +229,107 @@ static __always_inline int mg_fib_redirect(struct __sk_buff *skb, __be32 saddr, 
 	return mg_route_out(skb, &fib, rc);
 }
 
+/* The WireGuard device that reaches node `node` (its mg_routes entry is MG_RT_F_WIREGUARD), or 0
+ * when the tunnel to it goes over the underlay in the clear. */
+static __always_inline __u32 mg_wireguard_to(__be32 node)
+{
+	struct mg_route_key k = {.prefixlen = MG_RT_PREFIX_MAX, .addr = node};
+	struct mg_route_val *r = bpf_map_lookup_elem(&mg_routes, &k);
+
+	return r && (r->flags & MG_RT_F_WIREGUARD) ? r->ifindex : 0;
+}
+
+/* The answer of a too-big packet: ICMP "fragmentation needed" with what is left of a path of
+ * `path_mtu` bytes inside the tunnel. */
+static __always_inline int mg_tunnel_too_big(struct __sk_buff *skb, struct mg_pkt *p, __be32 src,
+					     __u32 path_mtu)
+{
+	__u16 mtu =
+	    path_mtu > MG_TUNNEL_HLEN + MG_IP_MIN_MTU ? path_mtu - MG_TUNNEL_HLEN : MG_IP_MIN_MTU;
+
+	return mg_icmp_too_big(skb, p, src, mtu);
+}
+
+/*
+ * Whether the packet fits the WireGuard device `ifindex` once encapsulated: the MTU that counts is
+ * the device's (wireguardMTU). A non-GSO packet must fit with the tunnel header; a GSO packet's
+ * segments keep their size once encapsulated (bpf_skb_adjust_room shrinks gso_size by the
+ * header), so each of them must fit as it is. Returns 0 when it fits, the device's MTU when it
+ * does not, a negative error when there is no such device. A subprogram (not inlined): inlined,
+ * it made clang keep pointers into the context in registers, which the verifier refuses.
+ */
+static __attribute__((noinline)) long mg_wireguard_mtu(struct __sk_buff *skb, __u32 ifindex)
+{
+	__u32 mtu = 0;
+	long rc;
+
+	if (skb->gso_size) {
+		rc = bpf_check_mtu(skb, ifindex, &mtu, 0, BPF_MTU_CHK_SEGS);
+	} else {
+		mtu = skb->len - ETH_HLEN + MG_TUNNEL_HLEN; /* the outer L3 length */
+		rc = bpf_check_mtu(skb, ifindex, &mtu, 0, 0);
+	}
+	if (rc == BPF_MTU_CHK_RET_SUCCESS)
+		return 0;
+	if (rc == BPF_MTU_CHK_RET_FRAG_NEEDED || rc == BPF_MTU_CHK_RET_SEGS_TOOBIG)
+		return mtu ? mtu : 1;
+	return -1;
+}
+
+/* What a decrypted packet of our tunnel starts with on the WireGuard device (no Ethernet). */
+struct mg_wg_tunnel_head {
+	struct iphdr ip;
+	struct udphdr udp;
+	struct mg_tunnel_tail tail;
+} __attribute__((packed));
+
+/*
+ * TC ingress of the WireGuard device (an L3 device: packets start with the IPv4 header). Our
+ * tunnel from another node, decrypted, is given the Ethernet header it would have had on the
+ * underlay (from a FIB lookup of the sending node in the main table: the underlay interface, its
+ * MAC as destination, the sender's as source) and re-injected into that interface's ingress,
+ * where mg_from_hep decapsulates it. Everything else (pod traffic) continues untouched.
+ */
+static __always_inline int mg_wireguard_ingress(struct __sk_buff *skb)
+{
+	struct mg_wg_tunnel_head h;
+	struct bpf_fib_lookup fib = {};
+	struct mg_node_cfg *cfg;
+	struct ethhdr eth;
+	long rc;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	if (bpf_skb_load_bytes(skb, 0, &h, sizeof(h)))
+		return TC_ACT_OK;
+	if (h.ip.version != 4 || h.ip.ihl != 5 || h.ip.protocol != IPPROTO_UDP ||
+	    h.udp.dest != bpf_htons(MG_TUNNEL_PORT))
+		return TC_ACT_OK;
+	cfg = mg_node_cfg_get();
+	if (!cfg || !cfg->node_ip || h.ip.daddr != cfg->node_ip)
+		return TC_ACT_OK;
+	if (!(h.tail.vxlan.flags & bpf_htonl(MG_VXLAN_F_VNI)) ||
+	    h.tail.vxlan.vni != bpf_htonl(MG_TUNNEL_VNI << 8))
+		return TC_ACT_OK;
+
+	/* The main table only (DIRECT): with host encryption WireGuard's own table would route
+	 * the sending node into this very device. */
+	fib.family = MG_AF_INET;
+	fib.ifindex = skb->ifindex;
+	fib.ipv4_src = cfg->node_ip;
+	fib.ipv4_dst = h.ip.saddr;
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_DIRECT);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS || fib.ifindex == skb->ifindex)
+		return mg_drop(MG_DROP_FIB);
+	__builtin_memcpy(eth.h_dest, fib.smac, ETH_ALEN);
+	__builtin_memcpy(eth.h_source, fib.dmac, ETH_ALEN);
+	eth.h_proto = bpf_htons(ETH_P_IP);
+	if (bpf_skb_change_head(skb, ETH_HLEN, 0) ||
+	    bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0))
+		return mg_drop(MG_DROP_ENCAP);
+	return bpf_redirect(fib.ifindex, BPF_F_INGRESS);
+}
+
 /*
  * Sends the packet in the tunnel from this node (`src`) to node `dst`, SNATed first to
  * (`snat_addr`, `snat_port`) when `snat_addr` is not 0 (a reply on the backend node). The route
@@ -233,20 +341,33 @@ static __always_inline int mg_tunnel_send(struct __sk_buff *skb, struct mg_pkt *
 					  __be32 dst, __be32 snat_addr, __be16 snat_port)
 {
 	struct bpf_fib_lookup fib = {};
-	long rc = mg_route(skb, &fib, src, dst, skb->len - ETH_HLEN + MG_TUNNEL_HLEN);
-	__u16 mtu;
+	__u32 wg_ifindex = mg_wireguard_to(dst);
+	__u32 too_big = 0; /* the path's MTU when the packet will not fit */
+	long rc = 0;
 
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
-		mtu = fib.mtu_result;
-		mtu = mtu > MG_TUNNEL_HLEN + MG_IP_MIN_MTU ? mtu - MG_TUNNEL_HLEN : MG_IP_MIN_MTU;
-		return mg_icmp_too_big(skb, p, src, mtu);
+	if (wg_ifindex) {
+		rc = mg_wireguard_mtu(skb, wg_ifindex);
+		if (rc < 0)
+			return mg_drop(
+			    MG_DROP_FIB); /* the device is gone: the agent updates the map */
+		too_big = (__u32)rc;
+	} else {
+		rc = mg_route(skb, &fib, src, dst, skb->len - ETH_HLEN + MG_TUNNEL_HLEN);
+		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+			too_big = fib.mtu_result;
+		else if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+			return mg_drop(MG_DROP_FIB);
 	}
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
-		return mg_drop(MG_DROP_FIB);
+	if (too_big)
+		return mg_tunnel_too_big(skb, p, src, too_big);
 	if (snat_addr && mg_rewrite(skb, p, MG_REWRITE_SRC, snat_addr, snat_port))
 		return mg_drop(MG_DROP_NAT_WRITE);
 	if (mg_tunnel_encap(skb, p, src, dst))
 		return mg_drop(MG_DROP_ENCAP);
+	/* Into WireGuard: the kernel strips the Ethernet header for the L3 device, whose TUN or
+	 * kernel driver encrypts to the node the outer destination belongs to. */
+	if (wg_ifindex)
+		return bpf_redirect(wg_ifindex, 0);
 	return mg_route_out(skb, &fib, rc);
 }
 

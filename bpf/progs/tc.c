@@ -9,6 +9,8 @@
  *   mg_to_hep    host data interface, TC egress
  *   mg_from_tnl  tunnel device, TC ingress
  *   mg_to_tnl    tunnel device, TC egress
+ *   mg_from_wg   WireGuard device (L3), TC ingress: our tunnel, decrypted, back to the underlay
+ *                interface's ingress (lib/tunnel.h); nothing else
  *
  * Every packet costs one conntrack lookup. A hit is translated from the entry alone; a miss on a
  * "from" hook looks the destination up among the service frontends and, for a new flow, picks a
@@ -348,6 +350,12 @@ SEC("classifier")
 int mg_to_tnl(struct __sk_buff *skb)
 {
 	return mg_tc(skb, MG_HOOK_TO_TNL);
+}
+
+SEC("classifier")
+int mg_from_wg(struct __sk_buff *skb)
+{
+	return mg_wireguard_ingress(skb);
 }
 
 char LICENSE[] SEC("license") = "GPL";

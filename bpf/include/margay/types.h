@@ -217,10 +217,13 @@ struct mg_route_key {
 #define MG_RT_F_LOCAL_HOST  (1u << 2) /* an address of this node */
 #define MG_RT_F_REMOTE_HOST (1u << 3) /* an address of another node */
 #define MG_RT_F_IN_POOL	    (1u << 4) /* inside a Calico IP pool */
+/* Another node reached through WireGuard: the tunnel to it (VXLAN, MG_TUNNEL_VNI) is sent into
+ * the WireGuard device `ifindex` instead of out of the underlay interface. */
+#define MG_RT_F_WIREGUARD (1u << 5)
 
 struct mg_route_val {
 	__u32 flags;	 /* host: MG_RT_F_* */
-	__u32 ifindex;	 /* host: local pod's host-side veth, 0 otherwise */
+	__u32 ifindex;	 /* host: local pod's host-side veth; WIREGUARD: the WireGuard device */
 	__be32 next_hop; /* be: node IP that hosts a remote block, 0 otherwise */
 	__u32 pad;	 /* zero */
 };

@@ -79,16 +79,20 @@ pub enum TcProgram {
     FromTunnel,
     /// Tunnel device, TC egress.
     ToTunnel,
+    /// WireGuard device (L3), TC ingress: our tunnel between nodes, decrypted, goes back to the
+    /// underlay interface's ingress (where `FromHostIface` decapsulates it); nothing else.
+    FromWireguard,
 }
 
 impl TcProgram {
-    pub const ALL: [TcProgram; 6] = [
+    pub const ALL: [TcProgram; 7] = [
         TcProgram::FromWorkload,
         TcProgram::ToWorkload,
         TcProgram::FromHostIface,
         TcProgram::ToHostIface,
         TcProgram::FromTunnel,
         TcProgram::ToTunnel,
+        TcProgram::FromWireguard,
     ];
 
     /// The function (and program) name in the object.
@@ -100,14 +104,16 @@ impl TcProgram {
             TcProgram::ToHostIface => "mg_to_hep",
             TcProgram::FromTunnel => "mg_from_tnl",
             TcProgram::ToTunnel => "mg_to_tnl",
+            TcProgram::FromWireguard => "mg_from_wg",
         }
     }
 
     pub const fn attach_type(self) -> TcAttachType {
         match self {
-            TcProgram::FromWorkload | TcProgram::FromHostIface | TcProgram::FromTunnel => {
-                TcAttachType::Ingress
-            }
+            TcProgram::FromWorkload
+            | TcProgram::FromHostIface
+            | TcProgram::FromTunnel
+            | TcProgram::FromWireguard => TcAttachType::Ingress,
             TcProgram::ToWorkload | TcProgram::ToHostIface | TcProgram::ToTunnel => {
                 TcAttachType::Egress
             }

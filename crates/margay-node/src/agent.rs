@@ -358,7 +358,15 @@ impl Agent {
                             &local_ips,
                         ));
                         bpf.sync(
-                            &node, &local_ips, peers, &cidrs, &blocks, &services, &slices, &felix,
+                            &node,
+                            &local_ips,
+                            peers,
+                            &cidrs,
+                            &blocks,
+                            &services,
+                            &slices,
+                            &felix,
+                            self.wireguard.bpf_path().as_ref(),
                         )
                     }) {
                         Ok(summary) => {

@@ -19,11 +19,13 @@ use margay_api::calico::FelixConfigurationSpec;
 use margay_bpf::maps::RouteValue;
 use margay_bpf::maps::ifstate::{IF_HOST, IF_READY, IF_WORKLOAD, IfStateValue};
 use margay_bpf::maps::routes::{
-    RT_IN_POOL, RT_LOCAL_HOST, RT_LOCAL_WL, RT_REMOTE_HOST, RT_REMOTE_WL,
+    RT_IN_POOL, RT_LOCAL_HOST, RT_LOCAL_WL, RT_REMOTE_HOST, RT_REMOTE_WL, RT_WIREGUARD,
 };
 use margay_bpf::{CgroupProgram, Config, Dataplane, TcMode, TcProgram};
 use margay_calc::NodeContext;
 use margay_dataplane::bpf::{BpfNatDriver, Timeouts, map_sizes};
+
+use crate::wireguard::BpfPath;
 
 /// How often expired and orphaned conntrack pairs are removed (Calico scans every 10 s).
 const CONNTRACK_SCAN: Duration = Duration::from_secs(10);
@@ -38,6 +40,8 @@ pub struct BpfDataplane {
     attached: BTreeSet<(String, &'static str)>,
     /// What `mg_ifstate` holds, by ifindex.
     if_states: BTreeMap<u32, IfStateValue>,
+    /// The WireGuard interface (name, ifindex) `mg_from_wg` is attached to.
+    wireguard_link: Option<(String, u32)>,
     /// What `mg_routes` holds (adopted from the pin at start, then kept by difference).
     routes: BTreeMap<Ipv4Net, RouteValue>,
     last_scan: Instant,
@@ -183,6 +187,7 @@ impl BpfDataplane {
             pin_dir: bpffs.to_owned(),
             attached: BTreeSet::new(),
             if_states,
+            wireguard_link: None,
             routes,
             last_scan: Instant::now(),
             debug_log: false,
@@ -301,6 +306,7 @@ impl BpfDataplane {
         services: &[Service],
         slices: &[EndpointSlice],
         felix: &FelixConfigurationSpec,
+        wireguard: Option<&BpfPath>,
     ) -> Result<String> {
         let pattern = felix
             .bpf_data_iface_pattern
@@ -309,13 +315,20 @@ impl BpfDataplane {
             .context("no bpfDataIfacePattern")?;
         let links = self.pin_dir.join("links");
         std::fs::create_dir_all(&links)?;
+        let ifaces = interfaces()?;
+        let wireguard_iface = wireguard.map(|w| w.interface.as_str());
         let mut if_states = BTreeMap::new();
-        for (iface, ifindex) in interfaces()? {
+        for (iface, ifindex) in &ifaces {
+            let (iface, ifindex) = (iface.clone(), *ifindex);
             let (progs, kind): (&[TcProgram], u32) = if iface.starts_with("cali") {
                 (
                     &[TcProgram::FromWorkload, TcProgram::ToWorkload],
                     IF_WORKLOAD,
                 )
+            } else if Some(iface.as_str()) == wireguard_iface {
+                // An L3 device: the host programs parse Ethernet. Its own program is attached
+                // by `sync_wireguard`.
+                (&[], 0)
             } else if pattern.is_match(&iface) {
                 (&[TcProgram::FromHostIface, TcProgram::ToHostIface], IF_HOST)
             } else {
@@ -364,7 +377,18 @@ impl BpfDataplane {
             .map(margay_api::values::Cidr::net)
             .collect();
         self.driver.set_dsr_optout(&optout)?;
-        let routes = desired_routes(node, node_ips, &peers, pools, blocks, &local_workloads()?);
+        let mut routes = desired_routes(node, node_ips, &peers, pools, blocks, &local_workloads()?);
+        let wireguard_note = match self.sync_wireguard(wireguard, &ifaces, &links)? {
+            Some((w, index)) => {
+                through_wireguard(&mut routes, &w.nodes, index);
+                format!(
+                    "; tunnel to {} nodes through {}",
+                    w.nodes.len(),
+                    w.interface
+                )
+            }
+            None => String::new(),
+        };
         let route_changes = self.write_routes(routes)?;
         self.driver.set_peer_nodes(peers);
         let context = NodeContext {
@@ -374,7 +398,7 @@ impl BpfDataplane {
         };
         let report = self.driver.sync(services, slices, &context)?;
         let mut summary = format!(
-            "{} programs attached; {} routes ({route_changes} written or removed); {} interfaces ({if_changes} written or removed); NAT {report:?}",
+            "{} programs attached; {} routes ({route_changes} written or removed); {} interfaces ({if_changes} written or removed); NAT {report:?}{wireguard_note}",
             self.attached.len(),
             self.routes.len(),
             self.if_states.len()
@@ -389,8 +413,51 @@ impl BpfDataplane {
         Ok(summary)
     }
 
-    /// Makes `mg_routes` hold `desired`, writing only the difference; returns how many entries
-    /// were written or removed.
+    /// The tunnel between nodes through WireGuard: `mg_from_wg` on the WireGuard interface's
+    /// ingress (it hands our decrypted tunnel back to the underlay interface). Returns the
+    /// device and its ifindex when it is there, for the `mg_routes` entries of the nodes reached
+    /// through it ([`through_wireguard`]); without it the tunnel is sent in the clear.
+    fn sync_wireguard<'a>(
+        &mut self,
+        wireguard: Option<&'a BpfPath>,
+        ifaces: &[(String, u32)],
+        links: &Path,
+    ) -> Result<Option<(&'a BpfPath, u32)>> {
+        let device = wireguard.and_then(|w| {
+            ifaces
+                .iter()
+                .find(|(name, _)| *name == w.interface)
+                .map(|(_, index)| (w, *index))
+        });
+        // The pin is per ifindex: a TCX link of a deleted interface must never be adopted for
+        // the new interface of the same name (turning WireGuard off and on makes a new one).
+        let pin_of = |index: u32| links.join(format!("tc_wireguard{index}_mg_from_wg"));
+        let wanted = device.map(|(w, index)| (w.interface.clone(), index));
+        if self.wireguard_link != wanted {
+            let current = wanted.as_ref().map(|(_, i)| pin_of(*i));
+            for stale in std::fs::read_dir(links)?.flatten() {
+                let name = stale.file_name().to_string_lossy().into_owned();
+                if name.starts_with("tc_wireguard") && Some(stale.path()) != current {
+                    std::fs::remove_file(stale.path())
+                        .with_context(|| format!("cannot unpin {}", stale.path().display()))?;
+                }
+            }
+            if let Some((name, index)) = &wanted {
+                self.dp
+                    .attach_tc_pinned(
+                        TcProgram::FromWireguard,
+                        name,
+                        &pin_of(*index),
+                        TcMode::Auto,
+                    )
+                    .with_context(|| format!("cannot attach mg_from_wg to {name}"))?;
+                tracing::info!(interface = %name, "BPF: tunnel between nodes through WireGuard");
+            }
+            self.wireguard_link = wanted;
+        }
+        Ok(device)
+    }
+
     /// Writes `mg_ifstate` by difference: one entry per interface our programs are attached to
     /// (what it is, its name), so dumps and debug lines can name an ifindex.
     fn write_if_states(&mut self, desired: BTreeMap<u32, IfStateValue>) -> Result<usize> {
@@ -412,6 +479,8 @@ impl BpfDataplane {
         Ok(changes)
     }
 
+    /// Makes `mg_routes` hold `desired`, writing only the difference; returns how many entries
+    /// were written or removed.
     fn write_routes(&mut self, desired: BTreeMap<Ipv4Net, RouteValue>) -> Result<usize> {
         let map = &mut self.driver.maps_mut().routes;
         let mut changes = 0;
@@ -540,6 +609,23 @@ fn desired_routes(
         out.insert(Ipv4Net::from(*ip), route(RT_LOCAL_HOST, 0, None));
     }
     out
+}
+
+/// Marks the other nodes reached through WireGuard (their /32 entries, `RT_REMOTE_HOST`) with
+/// `RT_WIREGUARD` and the device: the programs then send the tunnel to them into the device.
+fn through_wireguard(
+    routes: &mut BTreeMap<Ipv4Net, RouteValue>,
+    nodes: &BTreeSet<Ipv4Addr>,
+    ifindex: u32,
+) {
+    for ip in nodes {
+        if let Some(r) = routes.get_mut(&Ipv4Net::from(*ip))
+            && r.flags & RT_REMOTE_HOST != 0
+        {
+            r.flags |= RT_WIREGUARD;
+            r.ifindex = ifindex;
+        }
+    }
 }
 
 /// This node's pods: the /32 routes through a `cali*` veth (what the CNI plugin writes), with

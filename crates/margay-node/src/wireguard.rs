@@ -58,6 +58,14 @@ enum Failure {
     Dataplane(anyhow::Error),
 }
 
+/// The WireGuard device as the BPF dataplane needs it (see [`WireGuard::bpf_path`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BpfPath {
+    pub interface: String,
+    /// The underlay addresses of the nodes reached through the device.
+    pub nodes: BTreeSet<Ipv4Addr>,
+}
+
 /// The agent's WireGuard state between syncs.
 #[derive(Debug)]
 pub struct WireGuard {
@@ -300,7 +308,7 @@ impl WireGuard {
         }
         // Only configured peers get routes: a route to a peer the device does not know would
         // drop the traffic instead of sending it in the clear.
-        let routes = plan::desired_routes(&self.peers);
+        let routes = plan::desired_routes(&self.peers, settings.host_encryption);
         let routes_now = ip::table_routes(ROUTING_TABLE).await.map_err(Dataplane)?;
         let mut lines = ip::route_lines(&routes_now, &routes, ROUTING_TABLE, &settings.interface);
         lines.extend(
@@ -323,6 +331,27 @@ impl WireGuard {
             routes.len(),
             settings.interface
         ))
+    }
+
+    /// Where the BPF dataplane sends its tunnel between nodes (external clients' flows to
+    /// backends on other nodes) so that it is encrypted too: our interface and the addresses of
+    /// the nodes the device has a peer for (each peer's own address is among its allowed IPs).
+    /// `None` while this node runs no WireGuard device: the tunnel then goes in the clear.
+    pub fn bpf_path(&self) -> Option<BpfPath> {
+        let device = self.device.as_ref()?;
+        self.link_addr?;
+        Some(BpfPath {
+            interface: device.name().to_owned(),
+            nodes: self
+                .peers
+                .values()
+                .filter(|p| {
+                    p.allowed_ips
+                        .contains(&ipnet::Ipv4Net::from(*p.endpoint.ip()))
+                })
+                .map(|p| *p.endpoint.ip())
+                .collect(),
+        })
     }
 
     /// Removes everything of ours; idempotent, and cheap once nothing is left.

@@ -1,5 +1,6 @@
 //! Routes (`mg_routes`): local pods, remote pod blocks, hosts; for tunnel mode and traffic
-//! policy. Written by the agent; the programs of this first version do not read it yet.
+//! policy. Written by the agent; the programs read only the WireGuard entries of other nodes
+//! (`RT_WIREGUARD`) so far.
 
 use std::net::Ipv4Addr;
 
@@ -17,6 +18,9 @@ pub const RT_REMOTE_WL: u32 = 1 << 1;
 pub const RT_LOCAL_HOST: u32 = 1 << 2;
 pub const RT_REMOTE_HOST: u32 = 1 << 3;
 pub const RT_IN_POOL: u32 = 1 << 4;
+/// Another node reached through WireGuard: tunnelled packets to it go into the WireGuard device
+/// `ifindex` (`MG_RT_F_WIREGUARD`).
+pub const RT_WIREGUARD: u32 = 1 << 5;
 
 /// Mirrors `struct mg_route_key`.
 #[repr(C)]
@@ -34,7 +38,7 @@ pub struct RouteKey {
 pub struct RouteValue {
     /// host: `RT_*`.
     pub flags: u32,
-    /// host: a local pod's host-side veth.
+    /// host: a local pod's host-side veth; with `RT_WIREGUARD` the WireGuard device.
     pub ifindex: u32,
     /// be: the node hosting a remote block.
     pub next_hop: u32,

@@ -167,9 +167,10 @@ pub fn desired_peers(
         {
             allowed_ips.insert(Ipv4Net::from(t));
         }
-        if settings.host_encryption {
-            allowed_ips.insert(Ipv4Net::from(ip));
-        }
+        // Always the node's own address too: the BPF dataplane's tunnel between nodes (VXLAN
+        // from node address to node address) goes through WireGuard. It is *routed* into the
+        // tunnel only with host encryption (see `desired_routes`).
+        allowed_ips.insert(Ipv4Net::from(ip));
         peers.insert(
             key.to_owned(),
             Peer {
@@ -185,11 +186,19 @@ pub fn desired_peers(
     (peers, warnings)
 }
 
-/// The routes of our table: each peer's allowed IPs, through the tunnel device.
-pub fn desired_routes(peers: &BTreeMap<String, Peer>) -> BTreeSet<Ipv4Net> {
+/// The routes of our table: each peer's allowed IPs, through the tunnel device; the peer's own
+/// address only with host encryption (without it, host traffic stays in the clear and only the
+/// BPF programs send into the tunnel to that address).
+pub fn desired_routes(peers: &BTreeMap<String, Peer>, host_encryption: bool) -> BTreeSet<Ipv4Net> {
     peers
         .values()
-        .flat_map(|p| p.allowed_ips.iter().copied())
+        .flat_map(|p| {
+            let node = Ipv4Net::from(*p.endpoint.ip());
+            p.allowed_ips
+                .iter()
+                .copied()
+                .filter(move |n| host_encryption || *n != node)
+        })
         .collect()
 }
 
@@ -328,16 +337,17 @@ mod tests {
         let p = &peers[K2];
         assert_eq!(p.node, "node-2");
         assert_eq!(p.endpoint.to_string(), "10.224.0.5:51820");
-        // Both of node-2's blocks; its tunnel address is inside the first, so no extra /32.
+        // Both of node-2's blocks (its tunnel address is inside the first, so no extra /32),
+        // and its own address for the BPF tunnel between nodes, which is not routed.
         assert_eq!(
             p.allowed_ips
                 .iter()
                 .map(|n| n.to_string())
                 .collect::<Vec<_>>(),
-            ["10.244.0.64/26", "10.244.0.192/26"]
+            ["10.224.0.5/32", "10.244.0.64/26", "10.244.0.192/26"]
         );
         assert_eq!(
-            desired_routes(&peers)
+            desired_routes(&peers, false)
                 .iter()
                 .map(|n| n.to_string())
                 .collect::<Vec<_>>(),
@@ -356,6 +366,7 @@ mod tests {
         let (peers, _) = desired_peers("node-1", K1, &nodes, &blocks(), &s);
         let p = &peers[K2];
         assert!(p.allowed_ips.contains(&"10.224.0.5/32".parse().unwrap()));
+        assert!(desired_routes(&peers, true).contains(&"10.224.0.5/32".parse().unwrap()));
         // A tunnel address outside the node's blocks gets its own /32.
         assert!(p.allowed_ips.contains(&"10.99.0.1/32".parse().unwrap()));
         let text = uapi_add_peer(p).unwrap();
@@ -386,8 +397,8 @@ mod tests {
         assert_eq!(
             uapi_add_peer(&peers[K2]).unwrap(),
             "set=1\npublic_key=de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f\n\
-             remove=false\nendpoint=10.224.0.5:51820\nallowed_ip=10.244.0.64/26\n\
-             allowed_ip=10.244.0.192/26\n\n"
+             remove=false\nendpoint=10.224.0.5:51820\nallowed_ip=10.224.0.5/32\n\
+             allowed_ip=10.244.0.64/26\nallowed_ip=10.244.0.192/26\n\n"
         );
         assert_eq!(
             uapi_remove_peer(K2).unwrap(),

@@ -20,7 +20,7 @@ use margay_bpf::maps::nat::{
     FE_BLACKHOLE, FE_EXT_LOCAL, FE_INT_LOCAL, FE_SRC_RANGES, NODEPORT_ANY,
 };
 use margay_bpf::maps::routes::{
-    RT_IN_POOL, RT_LOCAL_HOST, RT_LOCAL_WL, RT_REMOTE_HOST, RT_REMOTE_WL,
+    RT_IN_POOL, RT_LOCAL_HOST, RT_LOCAL_WL, RT_REMOTE_HOST, RT_REMOTE_WL, RT_WIREGUARD,
 };
 use margay_bpf::maps::{
     AffinityKey, AffinityValue, CtKey, CtType, CtValue, Maps, NatBackendKey, NatBackendValue,
@@ -579,6 +579,7 @@ fn routes_view(
                     "prefix": net.to_string(),
                     "type": kind,
                     "inPool": v.flags & RT_IN_POOL != 0,
+                    "wireguard": v.flags & RT_WIREGUARD != 0,
                     "ifindex": (v.ifindex != 0).then_some(v.ifindex),
                     "interface": interfaces.get(&v.ifindex).map(IfStateValue::name),
                     "nextHop": (v.next_hop != 0).then(|| v.next_hop().to_string()),
@@ -599,6 +600,9 @@ fn routes_text(v: &Value) -> String {
         );
         if r["inPool"] == true && r["type"] != "pool" {
             line.push_str(" in-pool");
+        }
+        if r["wireguard"] == true {
+            line.push_str(" wireguard");
         }
         if let Some(i) = r["ifindex"].as_u64() {
             line.push_str(&format!(" ifindex {i}"));
