@@ -20,7 +20,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{From, TestLab, WORKLOADS, peer, skip_unless_root};
+use common::{From, NODE_2, TestLab, WORKLOADS, bpf_matrix, peer, skip_unless_root};
 
 // === what these tests add to the harness ===
 
@@ -188,9 +188,21 @@ impl TestLab {
     }
 
     fn helper_command(&self, ns: &str, pod: &str, role: &str) -> Command {
+        self.helper_command_at(&["exec", "-n", ns, pod], role)
+    }
+
+    /// The helper on the external client (203.0.113.10).
+    fn client_helper_command(&self, role: &str) -> Command {
+        self.helper_command_at(&["client"], role)
+    }
+
+    /// The helper run by `margay-lab ARGS -- ...` (`exec -n NS POD` or `client`).
+    fn helper_command_at(&self, at: &[&str], role: &str) -> Command {
         let exe = std::env::current_exe().expect("test binary");
         let mut cmd = Command::new(self.bin_dir.join("margay-lab"));
-        cmd.args(["--name", &self.name, "exec", "-n", ns, pod, "--", "env"])
+        cmd.args(["--name", &self.name])
+            .args(at)
+            .args(["--", "env"])
             .arg(format!("MARGAY_WG_HELPER={role}"))
             .arg(exe)
             .args(["helper", "--exact", "--ignored", "--nocapture"])
@@ -637,6 +649,136 @@ fn wireguard_matrix(lab: &TestLab, fields: &BTreeMap<String, (Option<String>, Op
     );
 }
 
+/// A NodePort in front of echo-1 (node-1) for bulk transfers: the helper's sink (5201) and
+/// source (5202) run in that pod.
+const BULK: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: bulk, namespace: matrix}
+spec:
+  type: NodePort
+  selector: {app: echo}
+  ports:
+  - {name: sink, port: 5201, targetPort: 5201, nodePort: 30521}
+  - {name: source, port: 5202, targetPort: 5202, nodePort: 30522}
+"#;
+
+/// Issue part 4: WireGuard with the BPF dataplane. Pod traffic between nodes and the Tunnel
+/// mode's VXLAN between nodes (an external client's NodePort or LoadBalancer flow whose backend
+/// is on another node) both go through WireGuard: the underlay carries nothing else between
+/// nodes; the client's address still reaches the pod on every node; bulk transfers both ways
+/// through the tunnel complete, the client learning the tunnel's MTU (1440 - 50) from the
+/// ingress node's ICMP.
+#[test]
+fn wireguard_in_the_bpf_dataplane_encrypts_pod_traffic_and_the_nodeport_tunnel() {
+    if skip_unless_root(
+        "wireguard_in_the_bpf_dataplane_encrypts_pod_traffic_and_the_nodeport_tunnel",
+    ) {
+        return;
+    }
+    let lab = TestLab::up("wgbx", &["--dataplane", "bpf"]);
+    lab.apply(WORKLOADS);
+    lab.apply(BULK);
+    lab.set_wireguard(true);
+    let settle = lab.wait_for_wireguard(&["node-1", "node-2", "node-3"]);
+    println!("WireGuard on everywhere after {settle:?}");
+    let nodes = lab.ok(&["get", "nodes", "-o", "wide"]);
+    assert_eq!(
+        nodes.matches(" BPF").count(),
+        3,
+        "every node runs BPF:\n{nodes}"
+    );
+    let fields = lab.wireguard_fields();
+
+    // Each agent attached mg_from_wg to its WireGuard device and sends the tunnel to both
+    // other nodes into it (its sync summary says so; the pins live in the agent's own mount
+    // namespace).
+    for (node, _) in NODE_IP {
+        let log = format!("/run/margay-lab/{}/logs/agent-{node}.log", lab.name);
+        let text = std::fs::read_to_string(&log).expect("agent log");
+        assert!(
+            text.contains("tunnel to 2 nodes through wireguard.cali"),
+            "{node}: the BPF tunnel does not go through WireGuard ({log})"
+        );
+    }
+
+    // Everything between nodes on the underlay is WireGuard while pod traffic, the whole BPF
+    // matrix (NodePorts on nodes without the backend, ECMP LoadBalancer connections) and bulk
+    // transfers through node-2's NodePort to node-1 run.
+    let capture = lab.capture(
+        "ip and not host 10.224.0.1 and not host 203.0.113.10",
+        false,
+    );
+    cross_node_traffic(&lab);
+    let node2_tunnel = fields["node-2"].1.clone().expect("node-2's tunnel address");
+    let failures = bpf_matrix(&lab, &node2_tunnel);
+    let mut sink = lab
+        .helper_command("matrix", "echo-1", "sink:5201:30")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sink");
+    std::thread::sleep(Duration::from_millis(500));
+    let up = helper_lines(
+        &lab.client_helper_command(&format!("send:{NODE_2}:30521:2"))
+            .output()
+            .expect("send"),
+    );
+    let _ = sink.kill();
+    let _ = sink.wait();
+    let mut source = lab
+        .helper_command("matrix", "echo-1", "source:5202:2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("source");
+    std::thread::sleep(Duration::from_millis(500));
+    let down = helper_lines(
+        &lab.client_helper_command(&format!("fetch:{NODE_2}:30522"))
+            .output()
+            .expect("fetch"),
+    );
+    let _ = source.wait();
+    println!("client -> node-2's NodePort -> echo-1 (node-1): {up:?}");
+    println!("echo-1 (node-1) -> node-2's NodePort -> client: {down:?}");
+    let text = capture.stop();
+    let all = packets(&text);
+    let plain = not_wireguard(&all, 51820);
+    println!(
+        "capture with WireGuard on (BPF): {} packets, {} not WireGuard",
+        all.len(),
+        plain.len()
+    );
+    assert!(all.len() >= 100, "too few packets captured: {text}");
+    assert!(
+        plain.is_empty(),
+        "traffic between nodes outside WireGuard (VXLAN port 4789 is the BPF tunnel):\n{}",
+        plain.join("\n")
+    );
+    assert!(
+        failures.is_empty(),
+        "BPF matrix cells failed with WireGuard on:\n{}",
+        failures.join("\n")
+    );
+    // The client's path to node-2 learned the room left in WireGuard for the tunnel: the
+    // device's 1440 less the VXLAN tunnel's 50 bytes, from node-2's "fragmentation needed".
+    let route = Command::new("ip")
+        .args([
+            "-n",
+            &format!("{}-client", lab.name),
+            "route",
+            "get",
+            NODE_2,
+        ])
+        .output()
+        .expect("ip route get");
+    let route = String::from_utf8_lossy(&route.stdout);
+    assert!(
+        route.contains("mtu 1390"),
+        "client's route to node-2: {route}"
+    );
+}
+
 #[test]
 fn a_node_that_cannot_run_wireguard_publishes_no_key_and_is_reached_in_the_clear() {
     if skip_unless_root(
@@ -736,21 +878,55 @@ fn toggling_wireguard_while_requests_flow_loses_none_after_it_settles() {
     if skip_unless_root("toggling_wireguard_while_requests_flow_loses_none_after_it_settles") {
         return;
     }
-    let lab = TestLab::up("wg", &[]);
+    toggling_wireguard_under_requests("wg", &[], false);
+}
+
+/// The same in the BPF dataplane, with a second stream from the external client through
+/// node-2's NodePort, whose backend is on node-1: the tunnel between nodes moves into WireGuard
+/// and out of it.
+#[test]
+fn toggling_wireguard_in_the_bpf_dataplane_loses_no_request_after_it_settles() {
+    if skip_unless_root("toggling_wireguard_in_the_bpf_dataplane_loses_no_request_after_it_settles")
+    {
+        return;
+    }
+    toggling_wireguard_under_requests("wgt", &["--dataplane", "bpf"], true);
+}
+
+/// Turns WireGuard on, off, on, off while requests flow one at a time (pod to pod between
+/// nodes, and with `through_nodeport` also from the external client through node-2's NodePort
+/// to node-1's pod); a request started after a change settled must succeed.
+fn toggling_wireguard_under_requests(prefix: &str, up: &[&str], through_nodeport: bool) {
+    let lab = TestLab::up(prefix, up);
     lab.apply(WORKLOADS);
     let echo1 = lab.pod_ip("matrix", "echo-1");
     let all = ["node-1", "node-2", "node-3"];
     let seconds = 36;
-    let mut looper = lab
-        .helper_command(
+    let mut loops = vec![(
+        "pod client-2 -> pod echo-1",
+        lab.helper_command(
             "matrix",
             "client-2",
             &format!("loop:{echo1}:8080:{seconds}"),
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("request loop");
+        ),
+    )];
+    if through_nodeport {
+        loops.push((
+            "client -> node-2's NodePort -> echo-1 on node-1",
+            lab.client_helper_command(&format!("loop:{NODE_2}:30080:{seconds}")),
+        ));
+    }
+    let loopers: Vec<(&str, Child)> = loops
+        .into_iter()
+        .map(|(label, mut cmd)| {
+            let child = cmd
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("request loop");
+            (label, child)
+        })
+        .collect();
     let now_ms = || {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -767,7 +943,8 @@ fn toggling_wireguard_while_requests_flow_loses_none_after_it_settles() {
         println!("change {i}: WireGuard {on}, settled after {took:?}");
         std::thread::sleep(Duration::from_secs(5));
     }
-    let out = {
+    let mut after_settle = Vec::new();
+    for (label, mut looper) in loopers {
         let mut stdout = String::new();
         looper
             .stdout
@@ -776,51 +953,49 @@ fn toggling_wireguard_while_requests_flow_loses_none_after_it_settles() {
             .read_to_string(&mut stdout)
             .expect("read loop output");
         let status = looper.wait().expect("loop");
-        assert!(status.success(), "{stdout}");
-        stdout
-    };
-    let results: Vec<(u64, bool, String)> = wg_lines(&out)
-        .iter()
-        .filter_map(|l| {
-            let mut w = l.splitn(3, ' ');
-            Some((
-                w.next()?.parse().ok()?,
-                w.next()? == "ok",
-                w.next().unwrap_or("").to_owned(),
-            ))
-        })
-        .collect();
-    assert!(results.len() > 100, "too few requests: {out}");
-    let failed: Vec<&(u64, bool, String)> = results.iter().filter(|r| !r.1).collect();
-    println!(
-        "{} requests, {} failed: {:?}",
-        results.len(),
-        failed.len(),
-        failed
+        assert!(status.success(), "{label}: {stdout}");
+        let results: Vec<(u64, bool, String)> = wg_lines(&stdout)
             .iter()
-            .map(|r| (r.0, r.2.as_str()))
-            .collect::<Vec<_>>()
-    );
-    // A request started after a change settled, and before the next change, must succeed.
-    let mut after_settle = Vec::new();
-    for (i, (changed, done, on)) in settled.iter().enumerate() {
-        let next = settled.get(i + 1).map_or(u64::MAX, |s| s.0);
-        let during = results
-            .iter()
-            .filter(|r| r.0 >= changed.saturating_sub(1000) && r.0 < *done && !r.1)
-            .count();
-        let window: Vec<_> = results
-            .iter()
-            .filter(|r| r.0 >= *done && r.0 < next)
+            .filter_map(|l| {
+                let mut w = l.splitn(3, ' ');
+                Some((
+                    w.next()?.parse().ok()?,
+                    w.next()? == "ok",
+                    w.next().unwrap_or("").to_owned(),
+                ))
+            })
             .collect();
-        let bad: Vec<_> = window.iter().filter(|r| !r.1).collect();
+        assert!(results.len() > 100, "{label}: too few requests: {stdout}");
+        let failed: Vec<&(u64, bool, String)> = results.iter().filter(|r| !r.1).collect();
         println!(
-            "change {i} (on={on}): {during} failed while it happened; after it settled: {} requests, {} failed",
-            window.len(),
-            bad.len()
+            "{label}: {} requests, {} failed: {:?}",
+            results.len(),
+            failed.len(),
+            failed
+                .iter()
+                .map(|r| (r.0, r.2.as_str()))
+                .collect::<Vec<_>>()
         );
-        assert!(!window.is_empty(), "no request after change {i}");
-        after_settle.extend(bad.into_iter().map(|r| format!("{r:?}")));
+        // A request started after a change settled, and before the next change, must succeed.
+        for (i, (changed, done, on)) in settled.iter().enumerate() {
+            let next = settled.get(i + 1).map_or(u64::MAX, |s| s.0);
+            let during = results
+                .iter()
+                .filter(|r| r.0 >= changed.saturating_sub(1000) && r.0 < *done && !r.1)
+                .count();
+            let window: Vec<_> = results
+                .iter()
+                .filter(|r| r.0 >= *done && r.0 < next)
+                .collect();
+            let bad: Vec<_> = window.iter().filter(|r| !r.1).collect();
+            println!(
+                "  change {i} (on={on}): {during} failed while it happened; after it settled: {} requests, {} failed",
+                window.len(),
+                bad.len()
+            );
+            assert!(!window.is_empty(), "{label}: no request after change {i}");
+            after_settle.extend(bad.into_iter().map(|r| format!("{label}: {r:?}")));
+        }
     }
     assert!(
         after_settle.is_empty(),
@@ -828,7 +1003,8 @@ fn toggling_wireguard_while_requests_flow_loses_none_after_it_settles() {
     );
 }
 
-/// Pod-to-pod throughput and request rate between nodes, without and with WireGuard.
+/// Pod-to-pod throughput and request rate between nodes, without and with WireGuard, in both
+/// dataplanes (one lab each), printed side by side.
 /// `cargo test -p margay-lab --test wireguard -- --ignored --nocapture benchmark`
 #[test]
 #[ignore = "benchmark"]
@@ -836,8 +1012,42 @@ fn benchmark_pod_to_pod_with_and_without_wireguard() {
     if skip_unless_root("benchmark_pod_to_pod_with_and_without_wireguard") {
         return;
     }
-    let lab = TestLab::up("wg", &[]);
-    lab.apply(WORKLOADS);
+    let mut rows = Vec::new();
+    for (dataplane, up) in [("Iptables", &[][..]), ("BPF", &["--dataplane", "bpf"][..])] {
+        let lab = TestLab::up("wgb", up);
+        lab.apply(WORKLOADS);
+        for row in wireguard_benchmark(&lab) {
+            rows.push((dataplane, row));
+        }
+    }
+    println!("\npod-to-pod between nodes (debug build of the agent; 2 cores)");
+    println!(
+        "{:<10} {:<10} {:<40} requests (connect, read a line, close)",
+        "dataplane", "WireGuard", "throughput (one TCP stream, 5 s)"
+    );
+    for (dataplane, row) in rows {
+        println!(
+            "{dataplane:<10} {:<10} {:<40} {}",
+            if row.wireguard { "on" } else { "off" },
+            row.throughput,
+            row.requests
+        );
+    }
+}
+
+/// One line of [`wireguard_benchmark`].
+struct BenchRow {
+    wireguard: bool,
+    /// `N Mbit/s (M MB in T s)`
+    throughput: String,
+    /// `N requests/s (M in T s, F failed)`
+    requests: String,
+}
+
+/// Measures, on a lab with [`WORKLOADS`], pod-to-pod throughput (client-2 on node-2 to
+/// client-1 on node-1, one TCP stream for 5 s) and request rate (connect, read a line, close,
+/// one at a time for 5 s, to echo-1 on node-1) with WireGuard off, then on. Leaves WireGuard on.
+fn wireguard_benchmark(lab: &TestLab) -> Vec<BenchRow> {
     let echo1 = lab.pod_ip("matrix", "echo-1");
     let client1 = lab.pod_ip("matrix", "client-1");
     let mut rows = Vec::new();
@@ -861,28 +1071,22 @@ fn benchmark_pod_to_pod_with_and_without_wireguard() {
         let _ = sink.wait();
         let rate = lab.helper("matrix", "client-2", &format!("rate:{echo1}:8080:5"));
         println!("WireGuard {on}: {sent:?} {rate:?}");
-        rows.push((on, sent.join(" "), rate.join(" ")));
+        rows.push(BenchRow {
+            wireguard: on,
+            throughput: sent.join(" "),
+            requests: rate.join(" "),
+        });
     }
-    println!("\npod-to-pod between nodes (debug build of the agent; 2 cores)");
-    println!(
-        "{:<10} {:<40} requests (connect, read a line, close)",
-        "WireGuard", "throughput"
-    );
-    for (on, sent, rate) in rows {
-        println!(
-            "{:<10} {:<40} {}",
-            if on { "on" } else { "off" },
-            sent,
-            rate
-        );
-    }
+    rows
 }
 
 /// Not a test: the traffic generator the other tests run inside pods (this binary, re-executed
 /// there by `margay-lab exec` with `MARGAY_WG_HELPER` set). Prints `WG|` lines. Roles:
 /// `loop:IP:PORT:SECS` (one request at a time, a line per request), `rate:IP:PORT:SECS`
 /// (requests per second), `sink:PORT:SECS` (counts what a sender sends), `send:IP:PORT:SECS`
-/// (sends as fast as it can; prints what the sink received per second).
+/// (sends as fast as it can; prints what the sink received per second), `source:PORT:SECS`
+/// (sends as fast as it can to the one connection it accepts), `fetch:IP:PORT` (reads until
+/// the source closes; prints the rate).
 #[test]
 #[ignore = "helper the other tests run inside lab pods"]
 fn helper() {
@@ -965,6 +1169,40 @@ fn helper() {
                 "WG|{:.0} Mbit/s ({:.0} MB in {t:.1} s)",
                 bytes * 8.0 / t / 1e6,
                 bytes / 1e6
+            );
+        }
+        ["source", port, s] => {
+            // Sends as fast as it can to each connection for SECS, then closes it.
+            let listener =
+                TcpListener::bind(("0.0.0.0", port.parse().expect("port"))).expect("listen");
+            let (mut conn, _) = listener.accept().expect("accept");
+            let buf = vec![0u8; 1 << 16];
+            let started = Instant::now();
+            while started.elapsed() < secs(s) {
+                if conn.write_all(&buf).is_err() {
+                    break;
+                }
+            }
+        }
+        ["fetch", ip, port] => {
+            let mut conn = TcpStream::connect_timeout(&addr(ip, port), Duration::from_secs(2))
+                .expect("connect");
+            conn.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let mut buf = vec![0u8; 1 << 16];
+            let (started, mut total) = (Instant::now(), 0u64);
+            loop {
+                match conn.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => total += n as u64,
+                    Err(e) => panic!("fetch after {total} bytes: {e}"),
+                }
+            }
+            let t = started.elapsed().as_secs_f64();
+            println!(
+                "WG|{:.0} Mbit/s ({:.0} MB in {t:.1} s)",
+                total as f64 * 8.0 / t / 1e6,
+                total as f64 / 1e6
             );
         }
         _ => panic!("unknown helper role {role:?}"),
