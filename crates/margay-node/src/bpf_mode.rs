@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use margay_api::calico::FelixConfigurationSpec;
 use margay_bpf::maps::RouteValue;
-use margay_bpf::maps::ifstate::{IF_HOST, IF_READY, IF_WORKLOAD, IfStateValue};
+use margay_bpf::maps::ifstate::{IF_HOST, IF_READY, IF_TUNNEL, IF_WORKLOAD, IfStateValue};
 use margay_bpf::maps::routes::{
     RT_IN_POOL, RT_LOCAL_HOST, RT_LOCAL_WL, RT_REMOTE_HOST, RT_REMOTE_WL, RT_WIREGUARD,
 };
@@ -348,7 +348,6 @@ impl BpfDataplane {
                 if_states.insert(ifindex, IfStateValue::new(kind | IF_READY, &iface));
             }
         }
-        let if_changes = self.write_if_states(if_states)?;
         // Tunnel mode: this node's address tells the programs to send external flows for
         // backends on other nodes to those nodes (whose addresses the backends carry).
         self.set_debug_log(felix)?;
@@ -381,6 +380,8 @@ impl BpfDataplane {
         let wireguard_note = match self.sync_wireguard(wireguard, &ifaces, &links)? {
             Some((w, index)) => {
                 through_wireguard(&mut routes, &w.nodes, index);
+                // Named in dumps and debug lines like the interfaces above.
+                if_states.insert(index, IfStateValue::new(IF_TUNNEL | IF_READY, &w.interface));
                 format!(
                     "; tunnel to {} nodes through {}",
                     w.nodes.len(),
@@ -390,6 +391,7 @@ impl BpfDataplane {
             None => String::new(),
         };
         let route_changes = self.write_routes(routes)?;
+        let if_changes = self.write_if_states(if_states)?;
         self.driver.set_peer_nodes(peers);
         let context = NodeContext {
             node_name: node.to_owned(),

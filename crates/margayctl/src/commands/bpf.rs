@@ -648,7 +648,7 @@ fn counters_text(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use margay_bpf::maps::ifstate::{IF_READY, IF_WORKLOAD};
+    use margay_bpf::maps::ifstate::{IF_READY, IF_TUNNEL, IF_WORKLOAD};
     use margay_bpf::maps::{CtKey, NatBackendValue, NatFrontendKey};
 
     const NS: u64 = 1_000_000_000;
@@ -791,23 +791,34 @@ TCP 203.0.113.10:40000 -> 10.244.1.5:8080  nat-reverse frontend 10.224.0.4:30080
             next_hop: 0,
             pad: 0,
         };
-        let interfaces = [(
-            12,
-            IfStateValue::new(IF_WORKLOAD | IF_READY, "cali1a2b3c4d5e6"),
-        )];
+        let through_wireguard = RouteValue {
+            flags: RT_REMOTE_HOST | RT_WIREGUARD,
+            ifindex: 7,
+            next_hop: margay_bpf::maps::be_addr(Ipv4Addr::new(10, 224, 0, 5)),
+            pad: 0,
+        };
+        let interfaces = [
+            (
+                12,
+                IfStateValue::new(IF_WORKLOAD | IF_READY, "cali1a2b3c4d5e6"),
+            ),
+            (7, IfStateValue::new(IF_TUNNEL | IF_READY, "wireguard.cali")),
+        ];
         let view = routes_view(
             &[
                 ("10.244.2.0/26".parse().expect("net"), remote),
                 ("10.244.1.5/32".parse().expect("net"), local),
+                ("10.224.0.5/32".parse().expect("net"), through_wireguard),
             ],
             &interfaces.into_iter().collect(),
         );
         assert_eq!(
             routes_text(&view),
             "\
+10.224.0.5/32      remote-host wireguard ifindex 7 (wireguard.cali) via 10.224.0.5
 10.244.1.5/32      local-workload in-pool ifindex 12 (cali1a2b3c4d5e6)
 10.244.2.0/26      remote-workload in-pool via 10.224.0.5
-2 routes
+3 routes
 "
         );
         let counters = counters_view(&[("no_backend", true, 3), ("new_flow", false, 12)]);
