@@ -9,7 +9,7 @@
 //! by this test binary itself, re-executed there (see [`helper`]), so no tool beyond `tcpdump`
 //! and `curl` is needed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -20,7 +20,8 @@ use serde_json::Value;
 
 mod common;
 
-use common::{From, NODE_2, TestLab, WORKLOADS, bpf_matrix, peer, skip_unless_root};
+use common::matrix::{Dataplane, matrix_failures};
+use common::{From, NODE_2, TestLab, WORKLOADS, peer, skip_unless_root};
 
 // === what these tests add to the harness ===
 
@@ -461,8 +462,17 @@ fn wireguard_encrypts_pod_traffic_between_nodes_and_turns_off_without_a_trace() 
         plain.join("\n")
     );
 
-    // The connectivity matrix with WireGuard on.
-    wireguard_matrix(&lab, &fields);
+    // The connectivity matrix (tests/matrix.rs's table) with WireGuard on.
+    let failures = matrix_failures(
+        &lab,
+        Dataplane::Iptables,
+        Some(&interface_addresses(&fields)),
+    );
+    assert!(
+        failures.is_empty(),
+        "matrix cells failed with WireGuard on:\n{}",
+        failures.join("\n")
+    );
 
     // The seed turns it off: every trace goes.
     lab.set_wireguard(false);
@@ -505,148 +515,15 @@ fn wireguard_encrypts_pod_traffic_between_nodes_and_turns_off_without_a_trace() 
     cross_node_traffic(&lab);
 }
 
-/// The connectivity matrix of tests/matrix.rs with WireGuard on. Where the standard dataplane
-/// masquerades traffic that then leaves through the tunnel, the source is the masquerading
-/// node's tunnel address (MASQUERADE takes the outgoing interface's address), as in Calico.
-fn wireguard_matrix(lab: &TestLab, fields: &BTreeMap<String, (Option<String>, Option<String>)>) {
-    let ip = |pod: &str| lab.pod_ip("matrix", pod);
-    let tunnel = |node: &str| fields[node].1.clone().unwrap_or_default();
-    let svc = |name: &str, path: &str| lab.jsonpath(&["svc", name, "-n", "matrix"], path);
-    let cluster_ip = |name: &str| svc(name, "{.spec.clusterIP}");
-    let echo = cluster_ip("echo");
-    let lb = svc("echo-lb", "{.status.loadBalancer.ingress[0].ip}");
-    let (client1, client2) = (ip("client-1"), ip("client-2"));
-    let (tunnel2, node1) = (tunnel("node-2"), NODE_IP[0].1.to_owned());
-    // (cell, from, protocol, target, the source the backend must see or the exit code)
-    type Cell = (
-        &'static str,
-        From,
-        &'static str,
-        String,
-        Result<String, i32>,
-    );
-    let cells: Vec<Cell> = vec![
-        (
-            "pod -> ClusterIP, backend on the same node: pod IP",
-            From::Pod("client-1"),
-            "tcp",
-            format!("{echo}:80"),
-            Ok(client1.clone()),
-        ),
-        (
-            "pod -> ClusterIP, backend on another node: pod IP",
-            From::Pod("client-2"),
-            "tcp",
-            format!("{echo}:80"),
-            Ok(client2.clone()),
-        ),
-        (
-            "pod -> ClusterIP over UDP, backend on another node: pod IP",
-            From::Pod("client-2"),
-            "udp",
-            format!("{echo}:53"),
-            Ok(client2.clone()),
-        ),
-        (
-            "node -> ClusterIP, backend on another node: its tunnel address",
-            From::Node("node-2"),
-            "tcp",
-            format!("{echo}:80"),
-            Ok(tunnel2.clone()),
-        ),
-        (
-            "client -> NodePort, local backend: the node's IP",
-            From::Client,
-            "tcp",
-            format!("{node1}:30080"),
-            Ok(node1.clone()),
-        ),
-        (
-            "client -> NodePort, remote backend: the node's tunnel address",
-            From::Client,
-            "tcp",
-            format!("{}:30080", NODE_IP[1].1),
-            Ok(tunnel2.clone()),
-        ),
-        (
-            "client -> LoadBalancer (router -> node-2): node-2's tunnel address",
-            From::Client,
-            "tcp",
-            format!("{lb}:80"),
-            Ok(tunnel2.clone()),
-        ),
-        (
-            "client -> NodePort, externalTrafficPolicy Local: client IP",
-            From::Client,
-            "tcp",
-            format!("{node1}:30081"),
-            Ok("203.0.113.10".to_owned()),
-        ),
-        (
-            "client -> NodePort, Local, no local backend: dropped",
-            From::Client,
-            "tcp",
-            format!("{}:30081", NODE_IP[1].1),
-            Err(4),
-        ),
-        (
-            "pod -> ClusterIP without endpoints: refused",
-            From::Pod("client-1"),
-            "tcp",
-            format!("{}:80", cluster_ip("empty")),
-            Err(3),
-        ),
-        (
-            "pod -> its own Service (hairpin): masqueraded to its node",
-            From::Pod("echo-1"),
-            "tcp",
-            format!("{echo}:80"),
-            Ok(node1.clone()),
-        ),
-    ];
-    let mut failures = Vec::new();
-    for (cell, from, proto, target, want) in &cells {
-        let (code, line) = lab.probe(from, proto, target);
-        let ok = match want {
-            Ok(source) => code == 0 && peer(&line) == source,
-            Err(expected) => code == *expected,
-        };
-        println!(
-            "{cell:<66} {} (exit {code}: {line})",
-            if ok { "ok  " } else { "FAIL" }
-        );
-        if !ok {
-            failures.push(format!("{cell}: wanted {want:?}, got exit {code}: {line}"));
-        }
-    }
-    // Cluster DNS through the tunnel, and session affinity.
-    let dns = lab.run(&[
-        "exec", "-n", "matrix", "client-2", "--", "getent", "hosts", "echo",
-    ]);
-    let answer = String::from_utf8_lossy(&dns.stdout);
-    println!("{:<66} {}", "pod -> kube-dns: echo", answer.trim());
-    if !answer.contains(&echo) {
-        failures.push(format!("DNS: {answer}"));
-    }
-    let sticky = cluster_ip("sticky");
-    let backends: BTreeSet<String> = (0..4)
-        .map(|_| {
-            let (code, line) = lab.probe(&From::Pod("client-1"), "tcp", &format!("{sticky}:80"));
-            assert_eq!(code, 0, "sticky probe failed: {line}");
-            line.split_whitespace()
-                .nth(1)
-                .unwrap_or_default()
-                .to_owned()
-        })
-        .collect();
-    if backends.len() != 1 {
-        failures.push(format!("session affinity: several backends {backends:?}"));
-    }
-    assert!(
-        failures.is_empty(),
-        "matrix cells failed with WireGuard on:\n{}",
-        failures.join("\n")
-    );
+/// The nodes' WireGuard interface addresses by node address, from [`TestLab::wireguard_fields`]
+/// (what the matrix's cells expect where traffic from a node leaves through the tunnel).
+fn interface_addresses(
+    fields: &BTreeMap<String, (Option<String>, Option<String>)>,
+) -> BTreeMap<String, String> {
+    NODE_IP
+        .iter()
+        .filter_map(|(node, ip)| Some(((*ip).to_owned(), fields.get(*node)?.1.clone()?)))
+        .collect()
 }
 
 /// A NodePort in front of echo-1 (node-1) for bulk transfers: the helper's sink (5201) and
@@ -710,8 +587,11 @@ fn wireguard_in_the_bpf_dataplane_encrypts_pod_traffic_and_the_nodeport_tunnel()
         false,
     );
     cross_node_traffic(&lab);
-    let node2_tunnel = fields["node-2"].1.clone().expect("node-2's tunnel address");
-    let failures = bpf_matrix(&lab, &node2_tunnel);
+    let failures = matrix_failures(
+        &lab,
+        Dataplane::BpfTunnel,
+        Some(&interface_addresses(&fields)),
+    );
     let mut sink = lab
         .helper_command("matrix", "echo-1", "sink:5201:30")
         .stdout(Stdio::null())

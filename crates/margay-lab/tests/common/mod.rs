@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+pub mod matrix;
+
 /// A lab for one test, removed on drop.
 pub struct TestLab {
     pub name: String,
@@ -195,6 +197,7 @@ impl Drop for TestLab {
     }
 }
 
+/// The lab's node-1 and node-2 (on the underlay) and its external client.
 pub const NODE_1: &str = "10.224.0.4";
 pub const NODE_2: &str = "10.224.0.5";
 pub const CLIENT: &str = "203.0.113.10";
@@ -209,143 +212,6 @@ pub enum From {
 /// The peer address in an echo line (`192.168.0.7:41234 echo-1`).
 pub fn peer(line: &str) -> &str {
     line.split(':').next().unwrap_or_default()
-}
-
-/// The BPF dataplane's connectivity matrix (the lab must run `--dataplane bpf` with
-/// [`WORKLOADS`]): every cell is real traffic whose source, as the backend saw it, is checked;
-/// the external client's address must survive on every node (Tunnel mode through VXLAN to the
-/// backend's node, and with WireGuard on, through WireGuard). `node2_source` is the source a
-/// connection from node-2's own stack to a pod on node-1 shows: node-2's address, or its
-/// WireGuard interface address when WireGuard is on (source selection takes the outgoing
-/// interface's). Prints every cell; returns the failed ones.
-pub fn bpf_matrix(lab: &TestLab, node2_source: &str) -> Vec<String> {
-    let ip = |pod: &str| lab.jsonpath(&["pod", pod, "-n", "matrix"], "{.status.podIP}");
-    let cluster_ip = |svc: &str| lab.jsonpath(&["svc", svc, "-n", "matrix"], "{.spec.clusterIP}");
-    let (client1, client2, echo1) = (ip("client-1"), ip("client-2"), ip("echo-1"));
-    let echo = cluster_ip("echo");
-    let lb = lab.jsonpath(
-        &["svc", "echo-lb", "-n", "matrix"],
-        "{.status.loadBalancer.ingress[0].ip}",
-    );
-    let mut failures = Vec::new();
-    let mut check = |cell: &str, (code, line): (i32, String), want: Result<&str, ()>| {
-        let ok = match want {
-            Ok(source) => code == 0 && peer(&line) == source,
-            Err(()) => code != 0,
-        };
-        println!(
-            "{cell:<62} {} (exit {code}: {line})",
-            if ok { "ok  " } else { "FAIL" }
-        );
-        if !ok {
-            failures.push(format!("{cell}: wanted {want:?}, got exit {code}: {line}"));
-        }
-    };
-    let tcp80 = |addr: &str| format!("{addr}:80");
-    check(
-        "pod -> ClusterIP, same node (connect-time LB): pod IP",
-        lab.probe(&From::Pod("client-1"), "tcp", &tcp80(&echo)),
-        Ok(client1.as_str()),
-    );
-    check(
-        "pod -> ClusterIP, other node (connect-time LB): pod IP",
-        lab.probe(&From::Pod("client-2"), "tcp", &tcp80(&echo)),
-        Ok(client2.as_str()),
-    );
-    check(
-        "pod -> ClusterIP over UDP (TC NAT): pod IP",
-        lab.probe(&From::Pod("client-2"), "udp", &format!("{echo}:53")),
-        Ok(client2.as_str()),
-    );
-    check(
-        "pod -> pod on another node: pod IP",
-        lab.probe(&From::Pod("client-2"), "tcp", &format!("{echo1}:8080")),
-        Ok(client2.as_str()),
-    );
-    check(
-        "node -> ClusterIP (backend on another node): the node's source",
-        lab.probe(&From::Node("node-2"), "tcp", &tcp80(&echo)),
-        Ok(node2_source),
-    );
-    check(
-        "client -> NodePort, backend on that node: the CLIENT's IP",
-        lab.probe(&From::Client, "tcp", &format!("{NODE_1}:30080")),
-        Ok(CLIENT),
-    );
-    check(
-        "client -> NodePort, Local policy, backend on that node: client IP",
-        lab.probe(&From::Client, "tcp", &format!("{NODE_1}:30081")),
-        Ok(CLIENT),
-    );
-    check(
-        "client -> NodePort, Local policy, no local backend: refused",
-        lab.probe(&From::Client, "tcp", &format!("{NODE_2}:30081")),
-        Err(()),
-    );
-    check(
-        "client -> NodePort on a node WITHOUT the backend (Tunnel): CLIENT IP",
-        lab.probe(&From::Client, "tcp", &format!("{NODE_2}:30080")),
-        Ok(CLIENT),
-    );
-    check(
-        "client -> NodePort on node-3 (Tunnel): CLIENT IP",
-        lab.probe(&From::Client, "tcp", "10.224.0.6:30080"),
-        Ok(CLIENT),
-    );
-    // The router spreads connections over the nodes: every one must show the client.
-    for i in 0..6 {
-        check(
-            &format!("client -> LoadBalancer IP, ECMP connection {i}: CLIENT IP"),
-            lab.probe(&From::Client, "tcp", &tcp80(&lb)),
-            Ok(CLIENT),
-        );
-    }
-    check(
-        "pod -> ClusterIP without endpoints: refused",
-        lab.probe(&From::Pod("client-1"), "tcp", &tcp80(&cluster_ip("empty"))),
-        Err(()),
-    );
-    check(
-        "pod -> its own Service (hairpin): its own address",
-        lab.probe(&From::Pod("echo-1"), "tcp", &tcp80(&echo)),
-        Ok(echo1.as_str()),
-    );
-    // healthCheckNodePort, still answered by the agent in BPF mode.
-    let hc = lab.jsonpath(
-        &["svc", "echo-lb-local", "-n", "matrix"],
-        "{.spec.healthCheckNodePort}",
-    );
-    for (node, want) in [(NODE_1, "200"), (NODE_2, "503")] {
-        let out = lab.run(&[
-            "client",
-            "--",
-            "curl",
-            "-s",
-            "-m",
-            "3",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("http://{node}:{hc}/"),
-        ]);
-        let got = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        println!("{:<62} {got}", format!("healthCheckNodePort on {node}"));
-        if got != want {
-            failures.push(format!(
-                "healthCheckNodePort on {node}: wanted {want}, got {got}"
-            ));
-        }
-    }
-    let dns = lab.run(&[
-        "exec", "-n", "matrix", "client-1", "--", "getent", "hosts", "echo",
-    ]);
-    let answer = String::from_utf8_lossy(&dns.stdout).trim().to_owned();
-    println!("{:<62} {answer}", "pod -> kube-dns through BPF");
-    if !answer.starts_with(&echo) {
-        failures.push(format!("DNS through BPF: {answer:?}"));
-    }
-    failures
 }
 
 /// The workloads the lab tests probe, in namespace `matrix`: echo backends on node-1 (`app: echo`)
