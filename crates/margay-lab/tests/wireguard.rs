@@ -62,6 +62,23 @@ impl TestLab {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Whether the kernel makes a `wireguard` link in `node`'s namespace (a probe link, removed
+    /// at once): what the agents there should choose.
+    fn kernel_has_wireguard(&self, node: &str) -> bool {
+        let made = Command::new("ip")
+            .args(["-n", &format!("{}-{node}", self.name)])
+            .args(["link", "add", "mgwgprobe", "type", "wireguard"])
+            .output()
+            .expect("ip link add");
+        if made.status.success() {
+            let _ = Command::new("ip")
+                .args(["-n", &format!("{}-{node}", self.name)])
+                .args(["link", "del", "mgwgprobe"])
+                .output();
+        }
+        made.status.success()
+    }
+
     /// Each node's published key and tunnel address.
     fn wireguard_fields(&self) -> BTreeMap<String, (Option<String>, Option<String>)> {
         self.nodes()
@@ -413,9 +430,53 @@ fn wireguard_encrypts_pod_traffic_between_nodes_and_turns_off_without_a_trace() 
             .permissions(),
     );
     assert_eq!(mode & 0o777, 0o600, "{key_file}");
-    // The interface: userspace TUN, MTU 1500 - 60, the node's tunnel address.
+    // Which WireGuard: the kernel's where it can make a `wireguard` link (tried in the node's
+    // namespace), boringtun otherwise; the agent says which in its log and the Node's status.
+    let kernel = lab.kernel_has_wireguard("node-1");
+    for (node, _) in NODE_IP {
+        let device = lab.jsonpath(&["node", node], "{.status.dataplane.wireguardDevice}");
+        let log = std::fs::read_to_string(format!(
+            "/run/margay-lab/{}/logs/agent-{node}.log",
+            lab.name
+        ))
+        .expect("agent log");
+        println!("{node}: wireguardDevice {device:?}");
+        if kernel {
+            assert_eq!(device, "kernel", "{node}");
+        } else {
+            assert_eq!(
+                device,
+                "userspace (boringtun over TUN): this kernel has no WireGuard (ip link add ... type wireguard: Unknown device type)",
+                "{node}"
+            );
+            assert!(
+                log.contains(
+                    "no kernel WireGuard here: falling back to userspace WireGuard (boringtun)"
+                ) && log.contains("Unknown device type"),
+                "{node}'s log does not say why it runs boringtun"
+            );
+        }
+        assert!(
+            log.contains(&format!("implementation={device}"))
+                || log.contains(&format!("implementation=\"{device}\"")),
+            "{node}'s log does not name the implementation {device:?}"
+        );
+    }
+    let nodes_table = lab.margayctl(&["node", "status"]);
+    let want_column = if kernel {
+        "on (kernel)"
+    } else {
+        "on (userspace)"
+    };
+    assert_eq!(
+        nodes_table.matches(want_column).count(),
+        3,
+        "margayctl node status:\n{nodes_table}"
+    );
+    // The interface: MTU 1500 - 60, the node's tunnel address.
     let link = lab.ip("node-1", &["-d", "link", "show", "dev", "wireguard.cali"]);
-    assert!(link.contains("mtu 1440") && link.contains("tun"), "{link}");
+    let kind = if kernel { "wireguard" } else { "tun" };
+    assert!(link.contains("mtu 1440") && link.contains(kind), "{link}");
     let addr = lab.ip(
         "node-1",
         &["-4", "-br", "addr", "show", "dev", "wireguard.cali"],

@@ -305,6 +305,7 @@ impl Agent {
             .sync(&self.client, &self.cache, &node, self.config.node_ip)
             .await;
         errors.extend(wg.error);
+        let wireguard_device = wg.device;
         if let Some(m) = wg.message {
             message = Some(message.map_or(m.clone(), |prev| format!("{prev}; {m}")));
         }
@@ -505,6 +506,7 @@ impl Agent {
             "requested": requested.as_str(),
             "active": active.as_str(),
             "message": message.clone().or(error.clone()),
+            "wireguardDevice": wireguard_device,
         });
         let heartbeat_due = self
             .last_status_write
@@ -516,6 +518,8 @@ impl Agent {
                     "requested": requested.as_str(),
                     "active": active.as_str(),
                     "message": message.or(error),
+                    // Which WireGuard runs (kernel or userspace, and why), while one does.
+                    "wireguardDevice": wireguard_device,
                     "lastSyncTime": now,
                     "lastSyncDurationMs": (ms * 1000.0).round() / 1000.0,
                     "agentVersion": margay_api::VERSION,

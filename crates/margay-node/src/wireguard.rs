@@ -13,13 +13,16 @@
 //! as the route driver (direct or VXLAN) has it: nothing in the main table changes, and turning
 //! WireGuard on or off is one rule and one table.
 //!
-//! The tunnel is userspace WireGuard (boringtun over TUN, [`device`]): this machine's kernel has
-//! no WireGuard module. A node that cannot run it (no TUN, the name taken by another interface,
+//! The tunnel is the kernel's WireGuard where the kernel has it (a `wireguard` link configured
+//! through generic netlink, [`kernel`]), else userspace WireGuard (boringtun over TUN,
+//! [`device`]); the agent logs which one runs and why, and `status.dataplane.wireguardDevice`
+//! says it. A node that cannot run it (no TUN, the name taken by another interface,
 //! no address for the interface) publishes no key and says why in `status.dataplane.message`;
 //! the others reach it in the clear.
 
 mod device;
 mod ip;
+mod kernel;
 pub mod key;
 mod plan;
 
@@ -33,7 +36,7 @@ use margay_datastore::{Client, Key};
 use serde_json::{Value, json};
 
 use crate::cache::{Cache, node_ipv4};
-use device::Userspace;
+use device::Device;
 use key::KeyPair;
 use plan::{FWMARK, NodeInfo, Peer, ROUTING_TABLE, Settings};
 
@@ -48,6 +51,9 @@ pub struct Report {
     pub message: Option<String>,
     /// One line for the sync log.
     pub summary: String,
+    /// Which WireGuard runs, while one does (`kernel`, or `userspace (boringtun over TUN):
+    /// <why not the kernel>`), for `status.dataplane.wireguardDevice`.
+    pub device: Option<String>,
 }
 
 /// Why enabling failed.
@@ -71,7 +77,7 @@ pub struct BpfPath {
 pub struct WireGuard {
     state_dir: PathBuf,
     key: Option<KeyPair>,
-    device: Option<Userspace>,
+    device: Option<Device>,
     /// The listening port set on the device.
     port: Option<u16>,
     /// The peers configured on the device, by public key.
@@ -144,6 +150,7 @@ impl WireGuard {
         match self.enable(client, cache, node, node_ip, &settings).await {
             Ok(summary) => Report {
                 summary,
+                device: self.device.as_ref().map(|d| d.implementation().to_owned()),
                 ..Report::default()
             },
             Err(Failure::Dataplane(e)) => Report {
@@ -210,31 +217,35 @@ impl WireGuard {
             tracing::info!(interface = %old, "recreating the WireGuard interface");
             self.teardown(&old).await.map_err(Dataplane)?;
         }
-        if self.device.is_some() && self.request("get=1\n\n").is_err() {
-            tracing::warn!("the WireGuard device stopped answering; starting it again");
+        if let Some(d) = self.device.as_mut() {
+            let answer = d.alive().await;
+            if self.forget_on_error(answer).is_err() {
+                tracing::warn!("the WireGuard device stopped answering; starting it again");
+            }
         }
         if self.device.is_none() {
-            let secret = self
-                .key
-                .as_ref()
-                .map(KeyPair::secret_hex)
-                .unwrap_or_default();
-            let mut device = Userspace::create(&settings.interface, mtu, connected)
+            let Some(key) = self.key.as_ref() else {
+                return Err(CannotRun(anyhow::anyhow!("no key")));
+            };
+            let mut device = Device::create(&settings.interface, mtu, connected)
                 .await
                 .map_err(CannotRun)?;
             device
-                .request(&plan::uapi_device(&secret, settings.port, FWMARK))
+                .configure(key, settings.port, FWMARK)
+                .await
                 .context("cannot configure the device")
                 .map_err(CannotRun)?;
-            tracing::info!(interface = %settings.interface, mtu, port = settings.port, "WireGuard interface up (userspace, boringtun)");
+            tracing::info!(interface = %settings.interface, mtu, port = settings.port, implementation = %device.implementation(), "WireGuard interface up");
             self.device = Some(device);
             self.port = Some(settings.port);
             self.peers.clear();
             self.link_addr = None;
         }
-        if self.port != Some(settings.port) {
-            self.request(&format!("set=1\nlisten_port={}\n\n", settings.port))
-                .map_err(Dataplane)?;
+        if self.port != Some(settings.port)
+            && let Some(d) = self.device.as_mut()
+        {
+            let set = d.set_port(settings.port).await;
+            self.forget_on_error(set).map_err(Dataplane)?;
             self.port = Some(settings.port);
         }
 
@@ -291,16 +302,20 @@ impl WireGuard {
         let (remove, add) = plan::peer_changes(&current, &desired);
         let mut added = Vec::new();
         for k in remove {
-            if let Some(text) = plan::uapi_remove_peer(k) {
-                self.request(&text).map_err(Dataplane)?;
+            if let Some(d) = self.device.as_mut() {
+                let removed = d.remove_peer(k).await;
+                self.forget_on_error(removed).map_err(Dataplane)?;
             }
             if let Some(p) = self.peers.remove(k) {
                 tracing::info!(peer = %p.node, "WireGuard peer removed");
             }
         }
         for p in add {
-            if let Some(text) = plan::uapi_add_peer(p) {
-                self.request(&text).map_err(Dataplane)?;
+            if plan::uapi_add_peer(p).is_some()
+                && let Some(d) = self.device.as_mut()
+            {
+                let added_now = d.add_peer(p).await;
+                self.forget_on_error(added_now).map_err(Dataplane)?;
                 tracing::info!(peer = %p.node, endpoint = %p.endpoint, allowed_ips = ?p.allowed_ips, "WireGuard peer added");
                 self.peers.insert(p.public_key.clone(), p.clone());
                 added.push(p.clone());
@@ -379,8 +394,8 @@ impl WireGuard {
         Ok(())
     }
 
-    /// Removes the rule, our table's routes, the device and the interface (only a TUN: another
-    /// kind of interface with that name is not ours).
+    /// Removes the rule, our table's routes, the device and the interface (only a TUN or a
+    /// `wireguard` link: another kind of interface with that name is not ours).
     async fn teardown(&mut self, interface: &str) -> Result<()> {
         let mut lines = rule_changes(0).await?;
         let routes = ip::table_routes(ROUTING_TABLE).await?;
@@ -395,7 +410,10 @@ impl WireGuard {
         self.peers.clear();
         self.port = None;
         self.link_addr = None;
-        if ip::link_kind(interface).await?.as_deref() == Some("tun") {
+        if matches!(
+            ip::link_kind(interface).await?.as_deref(),
+            Some("tun" | "wireguard")
+        ) {
             ip::batch(&[format!("link del dev {interface}")]).await?;
             tracing::info!(%interface, "WireGuard interface removed");
         } else if had_device {
@@ -404,11 +422,9 @@ impl WireGuard {
         Ok(())
     }
 
-    fn request(&mut self, text: &str) -> Result<Vec<String>> {
-        let Some(device) = self.device.as_mut() else {
-            anyhow::bail!("no WireGuard device");
-        };
-        let result = device.request(text);
+    /// Passes `result` of a request to the device on; after a failure the device is forgotten
+    /// (made again at the next sync).
+    fn forget_on_error<T>(&mut self, result: Result<T>) -> Result<T> {
         if result.is_err() {
             // A device that stopped answering is made again at the next sync.
             self.device = None;

@@ -116,6 +116,10 @@ pub struct NodeDataplaneStatus {
     /// The agent's version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
+    /// While WireGuard runs on the node: which implementation (`kernel`, or `userspace
+    /// (boringtun over TUN): <why not the kernel>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_device: Option<String>,
     /// In BPF mode: the bpffs directory the agent pins its maps and links in (its maps are in
     /// `<bpffsDir>/maps`); `margayctl bpf ... --node NAME` reads them there.
     #[serde(default, skip_serializing_if = "Option::is_none")]

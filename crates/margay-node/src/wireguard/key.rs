@@ -50,6 +50,11 @@ impl KeyPair {
         hex(&self.secret)
     }
 
+    /// The private key's bytes, as the kernel's netlink interface wants it.
+    pub fn secret(&self) -> [u8; 32] {
+        self.secret
+    }
+
     fn secret_base64(&self) -> String {
         STANDARD.encode(self.secret)
     }
@@ -62,8 +67,12 @@ pub fn hex(bytes: &[u8; 32]) -> String {
 
 /// A base64 WireGuard key (as published on a Node) in hex, or `None` if it is not one.
 pub fn base64_to_hex(key: &str) -> Option<String> {
-    let bytes: [u8; 32] = STANDARD.decode(key.trim()).ok()?.try_into().ok()?;
-    Some(hex(&bytes))
+    Some(hex(&base64_to_bytes(key)?))
+}
+
+/// A base64 WireGuard key (as published on a Node) as its 32 bytes, or `None` if it is not one.
+pub fn base64_to_bytes(key: &str) -> Option<[u8; 32]> {
+    STANDARD.decode(key.trim()).ok()?.try_into().ok()
 }
 
 /// The default state directory of `node`'s agent.

@@ -36,6 +36,7 @@ pub async fn run(client: &Client, command: NodeCommand) -> Result<()> {
                 "message": dp["message"],
                 "podCIDRs": n["status"]["podCIDRs"],
                 "wireguardPublicKey": n["status"]["wireguardPublicKey"],
+                "wireguardDevice": dp["wireguardDevice"],
                 "agentVersion": dp["agentVersion"],
             })
         })
@@ -71,12 +72,7 @@ pub async fn run(client: &Client, command: NodeCommand) -> Result<()> {
                     text(&r["lastSyncTime"]),
                     text(&r["lastSyncDurationMs"]),
                     text(&r["podCIDRs"]),
-                    if r["wireguardPublicKey"].is_string() {
-                        "on"
-                    } else {
-                        "off"
-                    }
-                    .to_owned(),
+                    wireguard_column(&r["wireguardPublicKey"], &r["wireguardDevice"]),
                     text(&r["message"]),
                 ]);
             }
@@ -95,4 +91,15 @@ pub async fn run(client: &Client, command: NodeCommand) -> Result<()> {
         other => bail!("unknown output format {other:?}; use ps or json"),
     }
     Ok(())
+}
+
+/// `off`, or `on` with the implementation (`kernel`, `userspace`) when the agent reports one.
+fn wireguard_column(key: &Value, device: &Value) -> String {
+    if !key.is_string() {
+        return "off".to_owned();
+    }
+    match device.as_str().and_then(|d| d.split_whitespace().next()) {
+        Some(implementation) => format!("on ({implementation})"),
+        None => "on".to_owned(),
+    }
 }
