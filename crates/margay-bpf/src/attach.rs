@@ -250,6 +250,47 @@ pub fn tcx_programs(iface: &str, prog: TcProgram) -> Result<Vec<String>, Error> 
         .collect())
 }
 
+/// Detaches every clsact filter of ours from `iface` (in the calling thread's network
+/// namespace): each filter running one of Margay's TC programs, found by program name, whatever
+/// its priority and handle. Returns how many were removed (0 when the interface has no clsact
+/// qdisc or none of our filters).
+///
+/// Why by name and from the kernel rather than from what the agent remembers: a clsact filter
+/// has no link to pin, so removing the pins (which detaches TCX links) leaves it in place, and a
+/// restarted agent did not attach what an earlier one left. The qdisc itself stays: other
+/// programs may have filters on it, and an empty clsact qdisc runs nothing.
+pub fn detach_clsact(iface: &str) -> Result<usize, Error> {
+    let mut removed = 0;
+    for prog in TcProgram::ALL {
+        match aya::programs::tc::qdisc_detach_program(iface, prog.attach_type(), prog.name()) {
+            Ok(()) => removed += 1,
+            // No filter of that name on this hook.
+            Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // No clsact qdisc on the interface (TCX mode, or never attached): nothing to dump.
+            Err(TcError::NetlinkError(e)) if matches!(e.raw_os_error(), Some(ENOENT | EINVAL)) => {}
+            Err(e) => return Err(prog_err(prog.name())(e.into())),
+        }
+    }
+    Ok(removed)
+}
+
+/// The TCX programs attached to `iface` in the calling thread's network namespace, as the kernel
+/// reports them: `[("ingress", IDs), ("egress", IDs)]`, IDs in run order. For tests and
+/// diagnostics that must not trust the agent's own bookkeeping (Debian's bpftool 7.1 does not
+/// list TCX attachments).
+pub fn tcx_program_ids(iface: &str) -> Result<Vec<(&'static str, Vec<u32>)>, Error> {
+    let mut out = Vec::new();
+    for (hook, attach_type) in [
+        ("ingress", aya::programs::TcAttachType::Ingress),
+        ("egress", aya::programs::TcAttachType::Egress),
+    ] {
+        let (_, infos) =
+            SchedClassifier::query_tcx(iface, attach_type).map_err(prog_err("tcx query"))?;
+        out.push((hook, infos.iter().map(|i| i.id()).collect()));
+    }
+    Ok(out)
+}
+
 fn attach_clsact(
     p: &mut SchedClassifier,
     prog: TcProgram,
@@ -288,6 +329,10 @@ fn attach_clsact(
 const fn libc_eexist() -> i32 {
     17
 }
+
+/// Netlink's answers to a filter dump on an interface without a clsact qdisc.
+const ENOENT: i32 = 2;
+const EINVAL: i32 = 22;
 
 /// A cgroup program attached to a cgroup. Dropping it detaches the program, unless it was
 /// [pinned](CgroupAttachment::pin).

@@ -17,7 +17,10 @@ pub mod objects;
 
 use std::path::PathBuf;
 
-pub use attach::{CgroupAttachment, TcAttachment, TcLinkKind, TcMode, tcx_programs};
+pub use attach::{
+    CgroupAttachment, TcAttachment, TcLinkKind, TcMode, detach_clsact, tcx_program_ids,
+    tcx_programs,
+};
 pub use loader::{
     CgroupProgram, Config, Dataplane, LogLevel, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TcProgram,
     TcRun, TcRunContext,

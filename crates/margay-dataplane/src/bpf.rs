@@ -31,6 +31,7 @@
 //! per network namespace: the driver works from any namespace.
 
 pub mod conntrack;
+pub mod handover;
 #[cfg(test)]
 mod tests;
 
@@ -70,6 +71,11 @@ const _: () = {
 pub enum BpfError {
     #[error(transparent)]
     Bpf(#[from] margay_bpf::Error),
+    #[error("cannot {what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 // === Conversions between the model and the maps ===
@@ -356,13 +362,55 @@ impl BpfNatDriver {
         slices: &[EndpointSlice],
         node: &NodeContext,
     ) -> Result<ApplyReport, BpfError> {
+        let desired = self.desired(services, slices, node);
+        self.apply(&desired)
+    }
+
+    /// The model [`Self::sync`] would apply for these resources (ids adopted from
+    /// [`Self::current`]).
+    pub fn desired(
+        &self,
+        services: &[Service],
+        slices: &[EndpointSlice],
+        node: &NodeContext,
+    ) -> NatModel {
         let mut desired =
             bpf_nat_model_with(services, slices, node, &self.host_ports, &self.current);
         self.place_remote_backends(&mut desired, slices, node);
         for c in &desired.conflicts {
             tracing::warn!(conflict = %c, "two services claim one frontend");
         }
-        self.apply(&desired)
+        desired
+    }
+
+    /// Writes a NAT pair into `mg_ct` for each UDP flow of `flows` (read from the kernel's
+    /// conntrack, [`handover::parse_nf_conntrack`]) whose frontend and backend `model` has and
+    /// that the programs do not track yet, so that its next datagram keeps the backend the
+    /// kernel chose ([`handover`]). TCP flows are left to the fall-through path.
+    pub fn seed_udp_flows(
+        &mut self,
+        model: &NatModel,
+        flows: &[handover::KernelNatFlow],
+    ) -> Result<handover::SeedReport, BpfError> {
+        let mut report = handover::SeedReport::default();
+        let now = conntrack::monotonic_now_ns();
+        for flow in flows.iter().filter(|f| f.proto == 17) {
+            report.kernel_flows += 1;
+            let Some(svc_id) = handover::service_of(model, flow) else {
+                report.unknown += 1;
+                continue;
+            };
+            let [rev, fwd] = handover::nat_pair(flow, svc_id, now);
+            if self.maps.conntrack.get(&fwd.0)?.is_some() {
+                report.present += 1;
+                continue;
+            }
+            // Reverse first, as the programs do: a forward entry never points at nothing.
+            self.maps.conntrack.insert(&rev.0, &rev.1)?;
+            self.maps.conntrack.insert(&fwd.0, &fwd.1)?;
+            report.seeded += 1;
+        }
+        Ok(report)
     }
 
     /// Sets this node's Tunnel/DSR configuration for the programs: its own address (0 turns the

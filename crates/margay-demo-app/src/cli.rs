@@ -187,7 +187,7 @@ pub enum ProbeTarget {
     /// Connect, print the first line the server sends, close.
     Tcp(SocketProbeArgs),
     /// Send one datagram, print the reply.
-    Udp(SocketProbeArgs),
+    Udp(UdpProbeArgs),
     /// GET the URL, print the body (a non-2xx answer is a failure, exit 1).
     Http(HttpProbeArgs),
 }
@@ -197,6 +197,20 @@ pub struct SocketProbeArgs {
     /// HOST:PORT; HOST is resolved with the system resolver (so /etc/resolv.conf's search path).
     #[arg(value_name = "HOST:PORT")]
     pub target: String,
+    #[command(flatten)]
+    pub common: ProbeCommon,
+}
+
+#[derive(Debug, Args)]
+pub struct UdpProbeArgs {
+    /// HOST:PORT; HOST is resolved with the system resolver (so /etc/resolv.conf's search path).
+    #[arg(value_name = "HOST:PORT")]
+    pub target: String,
+    /// Send every attempt from one socket (one source port: one UDP flow), resolved and
+    /// connected once, instead of a new socket each time. A reply that comes after its
+    /// attempt's timeout is read by the next attempt.
+    #[arg(long)]
+    pub one_socket: bool,
     #[command(flatten)]
     pub common: ProbeCommon,
 }

@@ -48,7 +48,23 @@ pub async fn run(args: ProbeArgs) -> ExitCode {
             let Some((host, port)) = usage(net::split_host_port(&args.target)) else {
                 return ExitCode::from(2);
             };
-            repeat(&args.common, |timeout| udp(&host, port, timeout)).await
+            if args.one_socket {
+                let resolved = Deadline::start(args.common.timeout);
+                let socket = match udp_socket(&host, port, resolved).await {
+                    Ok(s) => std::sync::Arc::new(s),
+                    Err(failure) => {
+                        eprintln!("{failure}");
+                        return ExitCode::from(failure.kind.exit_code());
+                    }
+                };
+                repeat(&args.common, |timeout| {
+                    let socket = socket.clone();
+                    async move { udp_exchange(&socket, Deadline::start(timeout)).await }
+                })
+                .await
+            } else {
+                repeat(&args.common, |timeout| udp(&host, port, timeout)).await
+            }
         }
         ProbeTarget::Http(args) => {
             if usage(HttpTarget::parse(&args.url).map_err(|f| f.message)).is_none() {
@@ -136,6 +152,12 @@ pub async fn tcp(host: &str, port: u16, timeout: Duration) -> Result<String, Fai
 /// reports the ICMP port unreachable of a closed port as "connection refused".
 pub async fn udp(host: &str, port: u16, timeout: Duration) -> Result<String, Failure> {
     let deadline = Deadline::start(timeout);
+    let socket = udp_socket(host, port, deadline).await?;
+    udp_exchange(&socket, deadline).await
+}
+
+/// A UDP socket connected to HOST:PORT (resolved before `deadline`).
+async fn udp_socket(host: &str, port: u16, deadline: Deadline) -> Result<UdpSocket, Failure> {
     let addrs = net::resolve(host, port, deadline).await?;
     let remote = addrs[0];
     let local = SocketAddr::new(
@@ -152,6 +174,14 @@ pub async fn udp(host: &str, port: u16, timeout: Duration) -> Result<String, Fai
         .connect(remote)
         .await
         .map_err(|e| Failure::io(&format!("connect udp {remote}"), &e))?;
+    Ok(socket)
+}
+
+/// One datagram on a connected socket and its reply, before `deadline`.
+async fn udp_exchange(socket: &UdpSocket, deadline: Deadline) -> Result<String, Failure> {
+    let remote = socket
+        .peer_addr()
+        .map_or_else(|_| "?".to_owned(), |a| a.to_string());
     within(
         deadline,
         &format!("send to udp {remote}"),

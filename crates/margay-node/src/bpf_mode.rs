@@ -54,6 +54,26 @@ pub struct BpfDataplane {
     /// Leaving BPF: no frontend, no connect-time load balancing; the programs only go on
     /// translating the flows they opened, until those end.
     draining: bool,
+    /// Whether the flows the kernel's conntrack NATed have been handed over (the first sync
+    /// after taking over from iptables, or after coming back during a drain, seeds them).
+    took_over: bool,
+    /// How TC programs attach: TCX where the kernel has it (clsact otherwise), or as
+    /// [`TC_ATTACH_ENV`] forces.
+    tc_mode: TcMode,
+}
+
+/// Test-only: `MARGAY_BPF_TC_ATTACH=clsact` (or `tcx`) forces how the agent attaches its TC
+/// programs, so that the tests cover the clsact fallback on a kernel that has TCX. Not a user
+/// setting: unset, the agent picks TCX and falls back to clsact by itself.
+pub const TC_ATTACH_ENV: &str = "MARGAY_BPF_TC_ATTACH";
+
+fn tc_mode_from_env() -> Result<TcMode> {
+    match std::env::var(TC_ATTACH_ENV).as_deref() {
+        Err(_) | Ok("" | "auto") => Ok(TcMode::Auto),
+        Ok("tcx") => Ok(TcMode::Tcx),
+        Ok("clsact") => Ok(TcMode::Clsact),
+        Ok(other) => bail!("{TC_ATTACH_ENV}={other:?} is not one of auto, tcx, clsact"),
+    }
 }
 
 impl Drop for BpfDataplane {
@@ -137,6 +157,7 @@ impl BpfDataplane {
         if !Path::new("/sys/kernel/btf/vmlinux").exists() {
             bail!("the kernel has no BTF (/sys/kernel/btf/vmlinux), which the BPF programs need");
         }
+        let tc_mode = tc_mode_from_env()?;
         ensure_bpffs(bpffs)?;
         // Replies the programs SNAT back to a NodePort carry this node's own address as source
         // and are forwarded from a pod's veth: without accept_local the kernel drops them as
@@ -194,6 +215,8 @@ impl BpfDataplane {
             log_stop,
             ctlb_cgroup: resolved.filter(|_| ctlb),
             draining: false,
+            took_over: false,
+            tc_mode,
         };
         bpf.set_debug_log(felix)?;
         bpf.attach_cgroups()?;
@@ -277,6 +300,8 @@ impl BpfDataplane {
         if self.draining {
             self.attach_cgroups()?;
             self.draining = false;
+            // Flows iptables opened during the drain are handed over like at the first switch.
+            self.took_over = false;
         }
         Ok(())
     }
@@ -340,7 +365,7 @@ impl BpfDataplane {
                 }
                 let pin = links.join(format!("tc_{}_{}", iface.replace('.', "_"), prog.name()));
                 self.dp
-                    .attach_tc_pinned(*prog, &iface, &pin, TcMode::Auto)
+                    .attach_tc_pinned(*prog, &iface, &pin, self.tc_mode)
                     .with_context(|| format!("cannot attach {} to {iface}", prog.name()))?;
                 self.attached.insert((iface.clone(), prog.name()));
             }
@@ -398,7 +423,21 @@ impl BpfDataplane {
             node_ips: node_ips.to_vec(),
             cluster_cidrs: pools.to_vec(),
         };
-        let report = self.driver.sync(services, slices, &context)?;
+        let desired = self.driver.desired(services, slices, &context);
+        // Taking over from iptables: the UDP flows its rules NATed keep their backends. Once
+        // before the frontends are written (from then on new flows are the programs'), and once
+        // after, for flows iptables opened in between.
+        let seed_kernel_flows = !self.took_over;
+        let mut seeded = Vec::new();
+        if seed_kernel_flows {
+            seeded.push(self.seed_kernel_udp_flows(&desired)?);
+        }
+        let report = self.driver.apply(&desired)?;
+        if seed_kernel_flows {
+            seeded.push(self.seed_kernel_udp_flows(&desired)?);
+            self.took_over = true;
+            tracing::info!(passes = ?seeded, "UDP flows NATed by iptables written into BPF conntrack");
+        }
         let mut summary = format!(
             "{} programs attached; {} routes ({route_changes} written or removed); {} interfaces ({if_changes} written or removed); NAT {report:?}{wireguard_note}",
             self.attached.len(),
@@ -450,7 +489,7 @@ impl BpfDataplane {
                         TcProgram::FromWireguard,
                         name,
                         &pin_of(*index),
-                        TcMode::Auto,
+                        self.tc_mode,
                     )
                     .with_context(|| format!("cannot attach mg_from_wg to {name}"))?;
                 tracing::info!(interface = %name, "BPF: tunnel between nodes through WireGuard");
@@ -458,6 +497,16 @@ impl BpfDataplane {
             self.wireguard_link = wanted;
         }
         Ok(device)
+    }
+
+    /// One pass of [`BpfNatDriver::seed_udp_flows`] over this namespace's kernel conntrack.
+    fn seed_kernel_udp_flows(
+        &mut self,
+        model: &margay_calc::bpf_nat::NatModel,
+    ) -> Result<margay_dataplane::bpf::handover::SeedReport> {
+        let text = margay_dataplane::bpf::handover::read_kernel_conntrack()?;
+        let flows = margay_dataplane::bpf::handover::parse_nf_conntrack(&text);
+        Ok(self.driver.seed_udp_flows(model, &flows)?)
     }
 
     /// Writes `mg_ifstate` by difference: one entry per interface our programs are attached to
@@ -507,11 +556,24 @@ impl BpfDataplane {
         self.driver.set_host_ports(lists);
     }
 
-    /// Detaches everything: unpinning the links detaches the programs; the maps go with their
-    /// pins. Afterwards nothing of ours stays in the kernel.
+    /// Detaches everything: unpinning the links detaches the TCX and cgroup programs, and our
+    /// clsact filters (which have no link to unpin) are removed from every interface of this
+    /// namespace, found by program name; the maps go with their pins and the programs' last
+    /// references. Afterwards nothing of ours stays in the kernel (the lab test
+    /// `switching_back_leaves_no_bpf_program_link_map_or_pin_in_the_kernel` checks it with the
+    /// kernel, in both attachment modes).
     pub fn remove(self) -> Result<()> {
         let dir = self.pin_dir.clone();
         drop(self);
+        let mut clsact_filters = 0;
+        // Every interface, down ones included: a filter stays on a device that went down.
+        for iface in all_interfaces()?.into_iter().map(|l| l.name) {
+            clsact_filters += margay_bpf::detach_clsact(&iface)
+                .with_context(|| format!("cannot detach the clsact filters of {iface}"))?;
+        }
+        if clsact_filters > 0 {
+            tracing::info!(filters = clsact_filters, "clsact filters removed");
+        }
         for sub in ["links", "maps"] {
             let path = dir.join(sub);
             if path.exists() {
@@ -660,8 +722,15 @@ fn local_workloads() -> Result<Vec<(Ipv4Addr, u32)>> {
         .collect())
 }
 
-/// The names and ifindexes of this namespace's interfaces.
-fn interfaces() -> Result<Vec<(String, u32)>> {
+/// An interface of this namespace as `ip -j link show` lists it.
+struct Link {
+    name: String,
+    ifindex: u32,
+    down: bool,
+}
+
+/// Every interface of this namespace.
+fn all_interfaces() -> Result<Vec<Link>> {
     let out = std::process::Command::new("ip")
         .args(["-j", "link", "show"])
         .output()
@@ -669,14 +738,23 @@ fn interfaces() -> Result<Vec<(String, u32)>> {
     let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
     Ok(links
         .iter()
-        .filter(|l| {
-            l["operstate"] != "DOWN" || l["ifname"].as_str().is_some_and(|n| n.starts_with("cali"))
-        })
         .filter_map(|l| {
-            let name = l["ifname"].as_str()?;
-            let index = u32::try_from(l["ifindex"].as_u64()?).ok()?;
-            Some((name.to_owned(), index))
+            Some(Link {
+                name: l["ifname"].as_str()?.to_owned(),
+                ifindex: u32::try_from(l["ifindex"].as_u64()?).ok()?,
+                down: l["operstate"] == "DOWN",
+            })
         })
-        .filter(|(n, _)| n != "lo")
+        .collect())
+}
+
+/// The names and ifindexes of the interfaces the programs may attach to: every one that is not
+/// down (pod veths even then), except loopback.
+fn interfaces() -> Result<Vec<(String, u32)>> {
+    Ok(all_interfaces()?
+        .into_iter()
+        .filter(|l| !l.down || l.name.starts_with("cali"))
+        .filter(|l| l.name != "lo")
+        .map(|l| (l.name, l.ifindex))
         .collect())
 }

@@ -36,6 +36,12 @@ pub fn skip_unless_root(test: &str) -> bool {
 impl TestLab {
     /// Brings up a 3-node lab named `<prefix><pid><n>` with `extra` arguments to `up`.
     pub fn up(prefix: &str, extra: &[&str]) -> TestLab {
+        TestLab::up_with_env(prefix, extra, &[])
+    }
+
+    /// [`TestLab::up`] with environment variables for `margay-lab up`, which its agents inherit
+    /// (test-only switches such as `MARGAY_BPF_TC_ATTACH`).
+    pub fn up_with_env(prefix: &str, extra: &[&str], env: &[(&str, &str)]) -> TestLab {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("{prefix}{:x}{n}", std::process::id() % 0xfffff);
         let bin = PathBuf::from(env!("CARGO_BIN_EXE_margay-lab"));
@@ -49,7 +55,13 @@ impl TestLab {
         let lab = TestLab { name, bin_dir };
         let mut args = vec!["up", "--nodes", "3"];
         args.extend_from_slice(extra);
-        let out = lab.run(&args);
+        let out = Command::new(lab.bin_dir.join("margay-lab"))
+            .arg("--name")
+            .arg(&lab.name)
+            .args(&args)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run margay-lab up");
         assert!(
             out.status.success(),
             "margay-lab up failed: {}\n{}",
