@@ -22,6 +22,8 @@ fn main() -> ExitCode {
         .init();
     match commands::run(cli) {
         Ok(code) => code,
+        // The reader of stdout went away (`| head`): nothing to report.
+        Err(e) if margayctl::output::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, whatever the cause chain: the contract with scripts and users.
             let message = format!("{e:#}").replace('\n', " ");

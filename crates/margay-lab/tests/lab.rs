@@ -817,3 +817,29 @@ fn cli_verbs() {
     assert_eq!(code, 1);
     assert!(err.contains("lab name"), "{err}");
 }
+
+/// `margay-lab status | head` once panicked ("failed printing to stdout: Broken pipe"): printing
+/// verbs now end quietly, with status 0, when stdout's reader has gone. The reader here is
+/// closed before the command starts, so every write it makes fails with EPIPE.
+#[test]
+fn printing_into_a_closed_pipe_exits_quietly() {
+    require_root!();
+    let (_guard, lab) = up_nodes(1);
+    for args in [&["status"][..], &["status", "-o", "json"][..]] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_margay-lab"))
+            .args(["--name", lab.name()])
+            .args(args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .expect("margay-lab");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.is_empty(),
+            "margay-lab {args:?} into a closed pipe: {:?}, stderr {stderr:?}",
+            out.status
+        );
+    }
+}

@@ -25,6 +25,8 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(commands::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of stdout went away (`| head`): nothing to report.
+        Err(e) if margayctl::output::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, whatever the cause chain: the contract with scripts and users.
             let message = format!("{e:#}").replace('\n', " ");

@@ -366,3 +366,54 @@ pub fn age(created: &Value) -> String {
         s => format!("{}d", s / 86400),
     }
 }
+
+/// Writes `args` to stdout, as `print!` does, except when the reader has gone (`margayctl get
+/// ... | head`, `margay-lab status | head`): then the process ends at once, quietly and with
+/// status 0, as a Unix filter ends on SIGPIPE (Rust ignores SIGPIPE, so `print!` would panic).
+/// The output is not wanted any more, and nothing a printing verb does after printing needs to
+/// run. Any other error panics, as `print!` does. Use through [`out!`](crate::out) and
+/// [`outln!`](crate::outln).
+pub fn print_or_exit(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        exit_if_broken_pipe(&e);
+        panic!("failed printing to stdout: {e}");
+    }
+}
+
+/// Ends the process quietly (status 0) if `e` says stdout's reader has gone.
+pub fn exit_if_broken_pipe(e: &std::io::Error) {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+}
+
+/// Whether a command failed only because stdout's reader went away (its cause chain holds a
+/// broken pipe): the CLIs then exit quietly instead of printing an error.
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// `print!` that exits quietly when stdout's reader has gone ([`print_or_exit`]).
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::print_or_exit(format_args!($($arg)*))
+    };
+}
+
+/// `println!` that exits quietly when stdout's reader has gone ([`print_or_exit`]).
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::output::print_or_exit(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::print_or_exit(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}

@@ -887,3 +887,32 @@ fn bpf_dumps_without_pinned_maps_or_bpf_mode_fail_with_a_clear_line() {
     let err = env.fails(&["bpf", "conntrack", "dump", "--node", "nope"], None);
     assert!(err.contains("nope"), "{err}");
 }
+
+/// `margayctl get ... | head` must not panic when head has gone: printing verbs end quietly,
+/// with status 0. The reader is closed before the command starts, so every write fails with
+/// EPIPE: through `outln!` (version), and through a `?`-propagated write error (get).
+#[test]
+fn printing_into_a_closed_pipe_exits_quietly() {
+    let env = Env::new();
+    for args in [
+        &["version"][..],
+        &["get", "felixconfiguration", "-o", "yaml"][..],
+        &["get", "ippools"][..],
+    ] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_margayctl"))
+            .args(args)
+            .env("MARGAY_DATASTORE", &env.url)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .expect("margayctl");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.is_empty(),
+            "margayctl {args:?} into a closed pipe: {:?}, stderr {stderr:?}",
+            out.status
+        );
+    }
+}

@@ -24,9 +24,9 @@ pub fn run(name: &str, args: &ApplyArgs) -> Result<ExitCode> {
             .collect();
         cluster.apply(manifests, &args.namespace).await?;
         for d in described {
-            println!("{d} applied");
+            margayctl::outln!("{d} applied");
         }
-        println!("converged in {:.1} s", started.elapsed().as_secs_f64());
+        margayctl::outln!("converged in {:.1} s", started.elapsed().as_secs_f64());
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -319,12 +319,12 @@ pub fn run(name: &str, args: &BenchArgs) -> Result<ExitCode> {
         "run_seconds": started.elapsed().as_secs_f64(),
     });
     report::write_all(&out, &results)?;
-    println!(
+    margayctl::outln!(
         "bench: done in {:.0} s; results in {}",
         started.elapsed().as_secs_f64(),
         out.display()
     );
-    println!("{}", report::markdown(&results));
+    margayctl::outln!("{}", report::markdown(&results));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -13,7 +13,7 @@ pub fn run(name: &str) -> Result<ExitCode> {
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }
-    println!(
+    margayctl::outln!(
         "{report} in {:.1} ms",
         started.elapsed().as_secs_f64() * 1000.0
     );

@@ -21,21 +21,21 @@ pub fn run(name: &str, command: EtcdCommand) -> Result<ExitCode> {
     match command {
         EtcdCommand::Stop => {
             if etcd::stop(&lab)? {
-                println!(
+                margayctl::outln!(
                     "etcd stopped; its data stays in {}",
                     etcd::dir(&lab).display()
                 );
             } else {
-                println!("etcd was not running");
+                margayctl::outln!("etcd was not running");
             }
         }
         EtcdCommand::Start { socket } => {
             let url = super::runtime()?.block_on(etcd::start(&lab, socket.as_deref()))?;
-            println!("etcd serves {url}");
+            margayctl::outln!("etcd serves {url}");
         }
         EtcdCommand::Status => match etcd::running(&lab)? {
-            Some(pid) => println!("{} (pid {pid})", etcd::url(&lab)),
-            None => println!("{} (stopped)", etcd::url(&lab)),
+            Some(pid) => margayctl::outln!("{} (pid {pid})", etcd::url(&lab)),
+            None => margayctl::outln!("{} (stopped)", etcd::url(&lab)),
         },
     }
     Ok(ExitCode::SUCCESS)

@@ -28,9 +28,9 @@ pub fn run(name: &str, args: &GetArgs) -> Result<ExitCode> {
             (items, cluster.client.store().revision().await?)
         };
         if kind == Kind::Node && matches!(format, Format::Ps | Format::Wide) {
-            print!("{}", node_table(&cluster, &items, format == Format::Wide));
+            margayctl::out!("{}", node_table(&cluster, &items, format == Format::Wide));
         } else {
-            print!(
+            margayctl::out!(
                 "{}",
                 render(
                     kind,

@@ -25,6 +25,6 @@ pub fn connect(args: &ConnectArgs) -> Result<ExitCode> {
         Duration::from_millis(args.retry_ms),
     )
     .with_context(|| format!("cannot connect to {}", args.addr))?;
-    print!("{text}");
+    margayctl::out!("{text}");
     Ok(ExitCode::SUCCESS)
 }

@@ -29,7 +29,7 @@ pub fn run(name: &str, command: NodeCommand) -> Result<ExitCode> {
                     cluster.converge().await
                 })?;
             }
-            println!(
+            margayctl::outln!(
                 "node {} added: {} in {} (port {}) in {:.1} ms",
                 n.name,
                 n.ip,
@@ -56,7 +56,7 @@ pub fn run(name: &str, command: NodeCommand) -> Result<ExitCode> {
                 cluster.converge().await?;
                 anyhow::Ok(pids)
             })?;
-            println!(
+            margayctl::outln!(
                 "agent of {node} killed (pid {old}, SIGKILL) and restarted (pid {new}), in sync after {:.1} ms",
                 started.elapsed().as_secs_f64() * 1000.0
             );
@@ -74,7 +74,7 @@ pub fn run(name: &str, command: NodeCommand) -> Result<ExitCode> {
                     cluster.converge().await
                 })?;
             }
-            println!(
+            margayctl::outln!(
                 "node {node} deleted in {:.1} ms",
                 started.elapsed().as_secs_f64() * 1000.0
             );

@@ -11,8 +11,8 @@ pub fn run(name: &str, args: &StatusArgs) -> Result<ExitCode> {
     let lab = Lab::open(name)?;
     let status = lab.status()?;
     match args.output {
-        OutputFormat::Text => print!("{status}"),
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+        OutputFormat::Text => margayctl::out!("{status}"),
+        OutputFormat::Json => margayctl::outln!("{}", serde_json::to_string_pretty(&status)?),
     }
     Ok(ExitCode::SUCCESS)
 }

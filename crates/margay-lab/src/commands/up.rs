@@ -9,13 +9,21 @@ use margay_lab::{Lab, LabConfig, LbMode, Target};
 
 use crate::cli::UpArgs;
 
+/// `println!` for `up`'s report: best effort, since a closed stdout must not stop (or panic)
+/// building the lab.
+macro_rules! progress {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// Builds the lab's infrastructure and returns it (for later steps: agents, datastore, DNS).
 pub fn run(name: &str, args: &UpArgs) -> Result<Lab> {
     super::require_root("up")?;
     let mut config = LabConfig::new(name, args.nodes);
     config.lb_mode = args.lb_mode.parse::<LbMode>()?;
     let started = Instant::now();
-    println!("lab {name}: {} nodes", args.nodes);
+    progress!("lab {name}: {} nodes", args.nodes);
     let lab = Lab::create_with_progress(config, &mut |p| {
         // Progress only: a closed stdout must not stop (or panic) the build.
         let _ = writeln!(
@@ -27,7 +35,7 @@ pub fn run(name: &str, args: &UpArgs) -> Result<Lab> {
         );
     })
     .with_context(|| format!("cannot build lab {name:?}"))?;
-    println!(
+    progress!(
         "  {:<10} {:>6.1} ms",
         "network",
         started.elapsed().as_secs_f64() * 1000.0
@@ -42,7 +50,7 @@ pub fn run(name: &str, args: &UpArgs) -> Result<Lab> {
             )));
         }
     }
-    println!(
+    progress!(
         "  {:<10} {:>6.1} ms",
         "total",
         started.elapsed().as_secs_f64() * 1000.0
@@ -55,7 +63,7 @@ pub fn run(name: &str, args: &UpArgs) -> Result<Lab> {
 /// DNS; returns once every agent has programmed it.
 async fn start_cluster(lab: &Lab, args: &UpArgs, started: Instant) -> Result<()> {
     let step = |what: &str, detail: String| {
-        println!(
+        progress!(
             "  {:<10} {:>6.1} ms  {detail}",
             what,
             started.elapsed().as_secs_f64() * 1000.0
@@ -130,15 +138,17 @@ pub fn prepare_node(lab: &Lab, node: &str) -> Result<()> {
 fn print_summary(lab: &Lab) -> Result<()> {
     let state = lab.state()?;
     let c = &state.config;
-    println!(
+    progress!(
         "client {} -> router {} / {} -> nodes:",
-        c.client_ip, c.router_internet_ip, c.router_underlay_ip
+        c.client_ip,
+        c.router_internet_ip,
+        c.router_underlay_ip
     );
     for n in &state.nodes {
-        println!("  {:<10} {:<15} netns {}", n.name, n.ip, n.netns);
+        progress!("  {:<10} {:<15} netns {}", n.name, n.ip, n.netns);
     }
-    println!("LoadBalancer IPs {} -> {}", c.lb_pool, state.lb_mode);
-    println!(
+    progress!("LoadBalancer IPs {} -> {}", c.lb_pool, state.lb_mode);
+    progress!(
         "try: margay-lab --name {0} node exec {1} -- ping -c1 {2}; margay-lab --name {0} status; margay-lab --name {0} down",
         lab.name(),
         state.nodes.first().map_or("node-1", |n| n.name.as_str()),

@@ -89,7 +89,7 @@ pub fn delete(name: &str, args: &DeleteArgs) -> Result<ExitCode> {
             cluster.converge().await?;
         }
         for n in names {
-            println!("{} \"{n}\" deleted", kind.as_str().to_ascii_lowercase());
+            margayctl::outln!("{} \"{n}\" deleted", kind.as_str().to_ascii_lowercase());
         }
         Ok(ExitCode::SUCCESS)
     })
@@ -142,7 +142,7 @@ pub fn logs(name: &str, args: &LogsArgs) -> Result<ExitCode> {
                 let cname = c["name"].as_str().unwrap_or_default();
                 let path = pod_log_path(&cluster.lab, ns, &pod.key.name, cname);
                 match std::fs::read_to_string(&path) {
-                    Ok(text) => print!("{text}"),
+                    Ok(text) => margayctl::out!("{text}"),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => {
                         return Err(e).with_context(|| format!("cannot read {}", path.display()));
@@ -193,7 +193,7 @@ pub fn rollout(name: &str, args: &RolloutArgs) -> Result<ExitCode> {
         cluster
             .rollout_restart(&args.namespace, &deployment)
             .await?;
-        println!("deployment.apps/{deployment} restarted");
+        margayctl::outln!("deployment.apps/{deployment} restarted");
         Ok(ExitCode::SUCCESS)
     })
 }

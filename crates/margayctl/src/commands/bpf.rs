@@ -77,7 +77,7 @@ pub async fn run(datastore: Option<&str>, command: BpfCommand) -> Result<()> {
         ),
     };
     if json_output {
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        margayctl::outln!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         let text = match view {
             View::Nat => nat_text(&value),
@@ -85,7 +85,7 @@ pub async fn run(datastore: Option<&str>, command: BpfCommand) -> Result<()> {
             View::Routes => routes_text(&value),
             View::Counters => counters_text(&value),
         };
-        print!("{text}");
+        margayctl::out!("{text}");
     }
     Ok(())
 }

@@ -45,6 +45,6 @@ pub async fn run(client: &Client, args: DeleteArgs, namespace: Option<&str>) -> 
     }
     let deleted = client.delete(keys, args.skip_not_exists).await?;
     let kinds: Vec<_> = deleted.iter().map(|s| s.key.kind).collect();
-    println!("{}", summary("deleted", &kinds, true));
+    margayctl::outln!("{}", summary("deleted", &kinds, true));
     Ok(())
 }

@@ -69,13 +69,13 @@ pub async fn run(client: &Client, args: LabelArgs, namespace: Option<&str>) -> R
         .await?;
     for change in &changes {
         match change {
-            Change::Set(k, _) => println!(
+            Change::Set(k, _) => margayctl::outln!(
                 "Successfully set label {k} on {} {}",
                 kind.plural(),
                 args.name
             ),
             Change::Remove(k) => {
-                println!(
+                margayctl::outln!(
                     "Successfully removed label {k} from {} {}",
                     kind.plural(),
                     args.name

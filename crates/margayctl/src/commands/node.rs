@@ -42,7 +42,7 @@ pub async fn run(client: &Client, command: NodeCommand) -> Result<()> {
         })
         .collect();
     match output.as_str() {
-        "json" => println!("{}", serde_json::to_string_pretty(&rows)?),
+        "json" => margayctl::outln!("{}", serde_json::to_string_pretty(&rows)?),
         "ps" | "" => {
             let text = |v: &Value| match v {
                 Value::Null => "-".to_owned(),
@@ -85,7 +85,7 @@ pub async fn run(client: &Client, command: NodeCommand) -> Result<()> {
                     .enumerate()
                     .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
                     .collect();
-                println!("{}", line.join("   ").trim_end());
+                margayctl::outln!("{}", line.join("   ").trim_end());
             }
         }
         other => bail!("unknown output format {other:?}; use ps or json"),

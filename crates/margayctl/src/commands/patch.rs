@@ -12,6 +12,6 @@ pub async fn run(client: &Client, args: PatchArgs, namespace: Option<&str>) -> R
     let patch_type: PatchType = args.patch_type.parse().map_err(anyhow::Error::msg)?;
     let key = Key::new(kind, namespace_for(kind, namespace).as_deref(), &args.name);
     client.patch(&key, &args.patch, patch_type).await?;
-    println!("{}", summary("patched", &[kind], false));
+    margayctl::outln!("{}", summary("patched", &[kind], false));
     Ok(())
 }

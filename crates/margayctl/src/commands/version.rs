@@ -5,8 +5,8 @@ use margay_api::Kind;
 use margay_datastore::{Client, Key};
 
 pub async fn run(client: &Client) -> Result<()> {
-    println!("Client Version:    v{}", margay_api::VERSION);
-    println!("Git commit:        {}", env!("MARGAY_GIT_COMMIT"));
+    margayctl::outln!("Client Version:    v{}", margay_api::VERSION);
+    margayctl::outln!("Git commit:        {}", env!("MARGAY_GIT_COMMIT"));
     let info = client
         .get(&Key::new(Kind::ClusterInformation, None, "default"))
         .await
@@ -16,8 +16,8 @@ pub async fn run(client: &Client) -> Result<()> {
             .and_then(|i| i.value["spec"][name].as_str().map(str::to_owned))
             .unwrap_or_else(|| "unknown".to_owned())
     };
-    println!("Cluster Version:   {}", field("calicoVersion"));
-    println!("Cluster Type:      {}", field("clusterType"));
-    println!("Datastore:         {}", client.store().describe());
+    margayctl::outln!("Cluster Version:   {}", field("calicoVersion"));
+    margayctl::outln!("Cluster Type:      {}", field("clusterType"));
+    margayctl::outln!("Datastore:         {}", client.store().describe());
     Ok(())
 }

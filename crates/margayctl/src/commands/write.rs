@@ -47,6 +47,6 @@ pub async fn run(
         .write(manifests, namespace.unwrap_or("default"), mode)
         .await?;
     let kinds: Vec<_> = stored.iter().map(|s| s.key.kind).collect();
-    println!("{}", summary(past, &kinds, true));
+    margayctl::outln!("{}", summary(past, &kinds, true));
     Ok(())
 }
