@@ -228,6 +228,9 @@ show margayctl get felixconfiguration default -o 'jsonpath={.spec.bpfEnabled}'
 expect "FelixConfiguration's bpfEnabled follows, as Calico's operator sets it" "^true$" "$out"
 show margay-lab node exec node-1 -- iptables -t nat -S KUBE-SERVICES
 expect "kube-proxy's rules are still there (bpfKubeProxyIptablesCleanupEnabled: false)" "^-N KUBE-SERVICES" "$out"
+show margay-lab node exec node-1 -- iptables -S FORWARD
+expect "FORWARD's first rule accepts what the BPF programs translated (mark 0x2000000), ahead of KUBE-FORWARD's INVALID drop" \
+  "^-A FORWARD -m mark --mark 0x2000000/0x2000000 .* -j ACCEPT$" "$(sed -n 2p <<<"$out")"
 
 step "Step 9: the pods need no restart: the same customer pod serves"
 show margay-lab get pods -n yaobank

@@ -13,6 +13,12 @@
 
 use crate::model::{Jump, Ruleset, comment};
 
+/// The chain an earlier Margay jumped to from FORWARD in BPF mode with kube-proxy's rules kept:
+/// it accepted every INVALID packet not marked fall-through, far more than the translated ones.
+/// The mark rule below replaced it; the name stays owned so that the iptables driver removes
+/// the chain and its jump from a node upgraded from that version.
+pub const LEGACY_BPF_FORWARD_CHAIN: &str = "MARGAY-BPF-FORWARD";
+
 /// `MG_MARK_TRANSLATED` (bpf/include/margay/types.h), as iptables writes it.
 pub const BPF_TRANSLATED_MARK: &str = "0x2000000";
 

@@ -8,13 +8,11 @@
 //! - [`model`]: the [`Ruleset`] both produce and the iptables-restore text that applies it
 //!   ([`ruleset_to_restore`], [`RestorePlan`]).
 //! - [`scenario`]: a node context plus resources as one YAML document (golden tests, lab).
-//! - [`bpf_kept_rules`]: BPF mode with kube-proxy's rules kept.
 //! - [`bpf_nat`]: the BPF dataplane's Service NAT maps ([`bpf_nat_model`]).
 //! - [`bpf_handover`]: the rule that accepts what the BPF programs translated, so that both
 //!   dataplanes can stand side by side during a switch.
 
 pub mod bpf_handover;
-pub mod bpf_kept_rules;
 pub mod bpf_nat;
 pub mod host_ports;
 pub mod kube_proxy;

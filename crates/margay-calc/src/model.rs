@@ -168,7 +168,7 @@ pub const OWNED_CHAINS: [&str; 16] = [
     "KUBE-PROXY-CANARY",
     crate::kube_proxy::KUBE_MARK_MASQ_OFF_CLUSTER,
     crate::nat_outgoing::NAT_OUTGOING_CHAIN,
-    crate::bpf_kept_rules::BPF_FORWARD_CHAIN,
+    crate::bpf_handover::LEGACY_BPF_FORWARD_CHAIN,
     crate::host_ports::HOSTPORT_DNAT_CHAIN,
     crate::host_ports::HOSTPORT_SETMARK_CHAIN,
     crate::host_ports::HOSTPORT_MASQ_CHAIN,

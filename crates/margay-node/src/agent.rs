@@ -400,7 +400,6 @@ impl Agent {
                     &services,
                     &slices,
                     &pools,
-                    active == LinuxDataplane::Bpf,
                     // In BPF mode the programs serve hostPorts.
                     if active == LinuxDataplane::Bpf {
                         &[]

@@ -30,14 +30,11 @@ impl ProxyDataplane {
     }
 
     /// Computes the rules for the current Services and Endpoints and applies the difference.
-    /// `bpf_active`: the BPF programs serve Services and kube-proxy's rules are only kept
-    /// (`bpfKubeProxyIptablesCleanupEnabled: false`), so their INVALID drop must not see the
-    /// flows the programs NAT. `host_ports`: the pods' hostPorts this dataplane serves (none in
-    /// BPF mode, where the programs do).
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one sync's inputs, all from the agent's cache"
-    )]
+    /// With the BPF programs serving Services and kube-proxy's rules only kept
+    /// (`bpfKubeProxyIptablesCleanupEnabled: false`), the flows the programs NAT get past
+    /// KUBE-FORWARD's INVALID drop through the translated-mark accept
+    /// (`margay_calc::bpf_handover`), present in every mode. `host_ports`: the pods' hostPorts
+    /// this dataplane serves (none in BPF mode, where the programs do).
     pub async fn sync(
         &mut self,
         node: &str,
@@ -45,7 +42,6 @@ impl ProxyDataplane {
         services: &[Service],
         slices: &[EndpointSlice],
         pools: &[(Ipv4Net, bool)],
-        bpf_active: bool,
         host_ports: &[margay_calc::host_ports::HostPort],
     ) -> Result<ProxySummary> {
         let context = NodeContext {
@@ -56,9 +52,6 @@ impl ProxyDataplane {
         let mut ruleset = kube_proxy_ruleset(services, slices, &context);
         ruleset.add_nat_outgoing(pools);
         ruleset.add_host_ports(host_ports);
-        if bpf_active {
-            ruleset.add_bpf_forward_accept();
-        }
         ruleset.add_bpf_translated_accept();
         // iptables-restore is a blocking process; keep the runtime's other tasks (health
         // checks) running meanwhile.
