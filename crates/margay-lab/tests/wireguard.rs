@@ -811,6 +811,72 @@ fn a_node_that_cannot_run_wireguard_publishes_no_key_and_is_reached_in_the_clear
     cross_node_traffic(&lab);
 }
 
+/// A restarted agent adopts the tunnel its predecessor made (the interface outlives the agent,
+/// with its routes and rule) instead of making a new one: same key, same kind of device (its
+/// status says it kept the device of an earlier run), pod traffic between nodes encrypted again.
+#[test]
+fn a_restarted_agent_adopts_its_wireguard_device() {
+    if skip_unless_root("a_restarted_agent_adopts_its_wireguard_device") {
+        return;
+    }
+    let lab = TestLab::up("wgr", &[]);
+    lab.apply(WORKLOADS);
+    lab.set_wireguard(true);
+    lab.wait_for_wireguard(&["node-1", "node-2", "node-3"]);
+    let before = lab.wireguard_fields();
+    let device = |node: &str| lab.jsonpath(&["node", node], "{.status.dataplane.wireguardDevice}");
+    let made = device("node-1");
+    let ifindex = |node: &str| {
+        let links: Value =
+            serde_json::from_str(&lab.ip(node, &["-j", "link", "show", "dev", "wireguard.cali"]))
+                .unwrap_or_default();
+        links[0]["ifindex"].as_u64()
+    };
+    let link_before = ifindex("node-1");
+    assert!(link_before.is_some(), "no wireguard.cali on node-1");
+    lab.ok(&["node", "restart-agent", "node-1"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let adopted = loop {
+        let now = device("node-1");
+        if now != made && !now.is_empty() {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node-1's status still says {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!("node-1 made {made:?}, after the restart {adopted:?}");
+    let kind = if lab.kernel_has_wireguard("node-1") {
+        "kernel"
+    } else {
+        "userspace (boringtun over TUN), the device of an earlier run of the agent"
+    };
+    assert_eq!(adopted, kind);
+    assert_eq!(
+        ifindex("node-1"),
+        link_before,
+        "the interface was made again instead of adopted"
+    );
+    lab.wait_for_wireguard(&["node-1", "node-2", "node-3"]);
+    assert_eq!(lab.wireguard_fields(), before, "keys or addresses changed");
+    let capture = lab.capture(
+        "ip and not host 10.224.0.1 and not host 203.0.113.10",
+        false,
+    );
+    cross_node_traffic(&lab);
+    let text = capture.stop();
+    let all = packets(&text);
+    let plain = not_wireguard(&all, 51820);
+    assert!(all.len() >= 14, "too few packets captured: {text}");
+    assert!(
+        plain.is_empty(),
+        "traffic between nodes outside the tunnel after the restart:\n{}",
+        plain.join("\n")
+    );
+}
+
 /// Toggling while a request loop runs: requests may fail while the nodes change over (each
 /// node changes when it reads the change, so for a moment one sends in the tunnel what the other
 /// no longer decrypts), never after every node has settled.
