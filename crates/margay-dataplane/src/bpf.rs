@@ -600,6 +600,18 @@ impl BpfNatDriver {
         ))
     }
 
+    /// The live flows ([`conntrack::live_flow_entries`]), one line each
+    /// ([`conntrack::describe_flow`]).
+    pub fn live_flow_descriptions(&self, timeouts: &Timeouts) -> Result<Vec<String>, BpfError> {
+        let entries = self.maps.conntrack.entries()?;
+        Ok(
+            conntrack::live_flow_entries(&entries, conntrack::monotonic_now_ns(), timeouts)
+                .into_iter()
+                .map(|(k, v)| conntrack::describe_flow(k, v))
+                .collect(),
+        )
+    }
+
     /// One conntrack cleanup pass ([`conntrack::cleanup`]) with the driver's model: expired
     /// pairs and orphans always; flows to backends the model no longer has only once the model
     /// has been applied.

@@ -139,6 +139,44 @@ fn etcd_url_from_endpoints(endpoints: &str) -> Result<String, Error> {
     Ok(format!("{scheme}://{}", hosts.join(",")))
 }
 
+/// Where a datastore URL leads, for checks that care about the path to the store rather than
+/// about opening it (the node agent's BPF preflight: is the store reached through a Service
+/// address the node programs itself?).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// A SQLite file on this machine.
+    LocalFile(PathBuf),
+    /// An etcd on a unix socket of this machine.
+    UnixSocket(PathBuf),
+    /// etcd endpoints reached over the network: (host as written, port).
+    Endpoints(Vec<(String, u16)>),
+}
+
+/// Where `url` leads (the same parsing as [`open`], environment included, without connecting).
+pub fn location(url: &str) -> Result<Location, Error> {
+    match parse_with(url, &process_env)? {
+        Target::Sqlite(path) => Ok(Location::LocalFile(path)),
+        Target::Etcd(options) => {
+            let mut endpoints = Vec::new();
+            for e in &options.endpoints {
+                if let Some(path) = e.strip_prefix("unix://") {
+                    return Ok(Location::UnixSocket(PathBuf::from(path)));
+                }
+                let host_port = e.split_once("://").map_or(e.as_str(), |(_, rest)| rest);
+                let (host, port) = host_port.rsplit_once(':').ok_or_else(|| {
+                    Error::Invalid(format!("the endpoint {e:?} in {url:?} is not HOST:PORT"))
+                })?;
+                let port = port.parse::<u16>().map_err(|_| {
+                    Error::Invalid(format!("the endpoint {e:?} in {url:?} is not HOST:PORT"))
+                })?;
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                endpoints.push((host.to_owned(), port));
+            }
+            Ok(Location::Endpoints(endpoints))
+        }
+    }
+}
+
 #[cfg(test)]
 fn parse(url: &str) -> Result<Target, Error> {
     parse_with(url, &|_| None)
@@ -352,6 +390,27 @@ mod tests {
             Err(Error::Invalid(msg)) => msg,
             other => panic!("{url:?}: expected Invalid, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn locations_name_files_sockets_and_endpoints() {
+        assert_eq!(
+            location("sqlite:///var/lib/margay/margay.db").unwrap(),
+            Location::LocalFile(PathBuf::from("/var/lib/margay/margay.db"))
+        );
+        assert_eq!(
+            location("etcd+unix:///run/x/etcd.sock:2379").unwrap(),
+            Location::UnixSocket(PathBuf::from("/run/x/etcd.sock:2379"))
+        );
+        assert_eq!(
+            location("etcd+http://10.96.0.10,etcd.example:4001,[fd00::1]:2379").unwrap(),
+            Location::Endpoints(vec![
+                ("10.96.0.10".to_owned(), 2379),
+                ("etcd.example".to_owned(), 4001),
+                ("fd00::1".to_owned(), 2379),
+            ])
+        );
+        assert!(location("etcd://").is_err());
     }
 
     #[test]

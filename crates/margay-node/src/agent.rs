@@ -19,9 +19,12 @@ use margay_api::operator::LinuxDataplane;
 use margay_datastore::{Client, SyncStatus, SyncUpdate};
 use serde_json::json;
 
+use margay_api::calico::node::PreflightStatus;
+
 use crate::bpf_mode::BpfDataplane;
 use crate::cache::{Cache, KINDS};
 use crate::health::{AgentStatus, HealthCheckServers, SharedStatus};
+use crate::preflight;
 use crate::proxy::ProxyDataplane;
 use crate::routes::{RouteDriver, desired_routes};
 use crate::vxlan;
@@ -42,6 +45,9 @@ pub struct AgentConfig {
     pub bpffs_dir: PathBuf,
     /// The cgroup v2 directory connect-time load balancing attaches to.
     pub cgroup: Option<PathBuf>,
+    /// How long a node leaving BPF waits for the flows its programs translated before it cuts
+    /// them ([`crate::bpf_mode::DRAIN_LIMIT`] by default).
+    pub bpf_drain_limit: Duration,
 }
 
 /// How often the Node's status is refreshed even when nothing changed (last sync time).
@@ -49,6 +55,11 @@ const STATUS_HEARTBEAT: Duration = Duration::from_secs(60);
 
 /// How often a node leaving BPF checks whether the flows its programs translated have ended.
 const DRAIN_CHECK: Duration = Duration::from_secs(1);
+
+/// In BPF mode, how often the conntrack cleanup and the map counts run between syncs (Calico's
+/// conntrack scan period), and the shortest interval between two Node status writes that only
+/// refresh map fill levels.
+const BPF_MAINTENANCE: Duration = Duration::from_secs(10);
 
 pub async fn run(config: AgentConfig) -> Result<()> {
     let status: SharedStatus = Arc::new(std::sync::RwLock::new(AgentStatus {
@@ -87,6 +98,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         last_status_write: None,
         wireguard: crate::wireguard::WireGuard::new(config.state_dir.clone()),
         bpf: None,
+        preflight: None,
+        last_preflight_failure: None,
+        report: None,
+        last_fills: None,
+        last_fills_write: None,
     };
 
     let mut updates = margay_datastore::sync::sync(store, KINDS.to_vec());
@@ -97,6 +113,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     // spend the time in repeated full calculations while the rest of the commit waits.
     let mut mid_commit = false;
     let mut last_sync: Option<Instant> = None;
+    let mut next_maintenance = Instant::now() + BPF_MAINTENANCE;
     loop {
         let min_period = agent
             .cache
@@ -137,8 +154,10 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                         }
                     }
                     SyncUpdate::Upsert(stored) => {
-                        agent.cache.upsert(stored);
-                        dirty = true;
+                        // A Node whose agent only refreshed its dataplane report changes
+                        // nothing here: no sync (each agent writes it every few seconds in BPF
+                        // mode, and every agent would resync on each).
+                        dirty |= agent.cache.upsert(stored);
                         mid_commit = true;
                     }
                     SyncUpdate::Remove(key) => {
@@ -168,6 +187,10 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             _ = tokio::time::sleep_until(heartbeat.into()), if in_sync => {
                 last_sync = Some(Instant::now());
                 agent.sync_dataplane().await;
+            }
+            _ = tokio::time::sleep_until(next_maintenance.into()), if in_sync && agent.bpf.is_some() => {
+                next_maintenance = Instant::now() + BPF_MAINTENANCE;
+                agent.maintain_bpf().await;
             }
         }
     }
@@ -229,6 +252,16 @@ struct Agent {
     wireguard: crate::wireguard::WireGuard,
     /// The BPF dataplane while it is in use.
     bpf: Option<BpfDataplane>,
+    /// The last BPF preflight, while BPF is requested.
+    preflight: Option<PreflightStatus>,
+    /// The last preflight failure logged (logged once, not at every sync).
+    last_preflight_failure: Option<String>,
+    /// The last sync's report for the Node's `status.dataplane` (what [`Agent::publish_status`]
+    /// completes with the preflight, the attachments and the map fills).
+    report: Option<serde_json::Value>,
+    /// The map fills last written to the Node, and when.
+    last_fills: Option<serde_json::Value>,
+    last_fills_write: Option<Instant>,
 }
 
 impl Agent {
@@ -327,23 +360,12 @@ impl Agent {
                     errors.push(format!("bpf: {e:#}"));
                 }
                 if self.bpf.is_none() {
-                    let started = tokio::task::block_in_place(|| {
-                        BpfDataplane::start(
-                            &self.config.bpffs_dir,
-                            &felix,
-                            self.config.cgroup.as_deref(),
-                        )
-                    });
-                    match started {
-                        Ok(bpf) => {
-                            tracing::info!("BPF dataplane loaded");
-                            self.bpf = Some(bpf);
-                        }
-                        Err(e) => {
-                            message = Some(format!(
-                                "BPF was requested but this node failed the preflight ({e:#}); staying in Iptables"
-                            ));
-                        }
+                    let node_addresses: Vec<Ipv4Addr> = peers.values().map(|p| p.ip).collect();
+                    if let Err(failed) = self
+                        .preflight_and_load(&felix, &services, &slices, &node_addresses)
+                        .await
+                    {
+                        message = Some(failed);
                     }
                 }
                 if let Some(bpf) = self.bpf.as_mut() {
@@ -378,7 +400,12 @@ impl Agent {
                     }
                 }
             }
-            LinuxDataplane::Iptables => {}
+            LinuxDataplane::Iptables => {
+                if self.bpf.is_none() {
+                    self.preflight = None;
+                    self.last_preflight_failure = None;
+                }
+            }
             other => {
                 message = Some(format!(
                     "{other} is not a dataplane this agent runs; staying in Iptables"
@@ -426,8 +453,20 @@ impl Agent {
                 }
                 bpf.live_flows(&felix)
             });
+            let limit = self.config.bpf_drain_limit;
             match live {
-                Ok(0) => {
+                Ok(n) if n == 0 || bpf.drain_elapsed() >= limit => {
+                    if n > 0 {
+                        // The bound: a kept-alive connection may not hold the node between
+                        // dataplanes for up to tcpEstablished (1 h). What is cut is said.
+                        let flows = bpf.live_flow_descriptions(&felix).unwrap_or_default();
+                        tracing::warn!(
+                            flows = n,
+                            limit_s = limit.as_secs_f64(),
+                            "BPF drain limit reached: cutting {n} flows the programs still translate: {}",
+                            flows.join("; ")
+                        );
+                    }
                     let bpf = self.bpf.take().expect("checked above");
                     match tokio::task::block_in_place(|| bpf.remove()) {
                         Ok(()) => tracing::info!("BPF dataplane removed"),
@@ -435,8 +474,10 @@ impl Agent {
                     }
                 }
                 Ok(n) => {
+                    let left = limit.saturating_sub(bpf.drain_elapsed());
                     let m = format!(
-                        "BPF programs stay attached for {n} flows they translated, until those end"
+                        "BPF programs stay attached for {n} flows they translated, until those end (at most {:.0} s more)",
+                        left.as_secs_f64().ceil()
                     );
                     bpf_summary = m.clone();
                     message = Some(message.map_or(m.clone(), |prev| format!("{prev}; {m}")));
@@ -500,40 +541,187 @@ impl Agent {
             .filter(|(_, owner)| **owner == node)
             .map(|(cidr, _)| cidr.to_string())
             .collect();
-        let substantive = json!({
-            "podCIDRs": pod_cidrs,
-            "requested": requested.as_str(),
-            "active": active.as_str(),
-            "message": message.clone().or(error.clone()),
-            "wireguardDevice": wireguard_device,
+        self.report = Some(json!({
+            "podCIDRs": if pod_cidrs.is_empty() { serde_json::Value::Null } else { json!(pod_cidrs) },
+            "dataplane": {
+                "requested": requested.as_str(),
+                "active": active.as_str(),
+                "message": message.or(error),
+                // Which WireGuard runs (kernel or userspace, and why), while one does.
+                "wireguardDevice": wireguard_device,
+                "lastSyncTime": now,
+                "lastSyncDurationMs": (ms * 1000.0).round() / 1000.0,
+                "agentVersion": margay_api::VERSION,
+                // Where this node's maps are pinned, for `margayctl bpf ... --node NAME`.
+                "bpffsDir": (active == LinuxDataplane::Bpf)
+                    .then(|| self.config.bpffs_dir.to_string_lossy().into_owned()),
+            }
+        }));
+        self.publish_status().await;
+    }
+
+    /// The BPF preflight (`crate::preflight`) and, when it passes, the load. Records the
+    /// outcome for the Node status; on failure returns the status message (logged once).
+    async fn preflight_and_load(
+        &mut self,
+        felix: &margay_api::calico::FelixConfigurationSpec,
+        services: &[k8s_openapi::api::core::v1::Service],
+        slices: &[k8s_openapi::api::discovery::v1::EndpointSlice],
+        node_addresses: &[Ipv4Addr],
+    ) -> Result<(), String> {
+        let bpffs = self.config.bpffs_dir.clone();
+        let mut checks = vec![preflight::check("kernel BTF", preflight::kernel_btf())];
+        checks.push(preflight::check(
+            "bpffs",
+            crate::bpf_mode::ensure_bpffs(&bpffs)
+                .map(|()| format!("bpffs at {}", bpffs.display()))
+                .map_err(|e| format!("{e:#}")),
+        ));
+        let ctlb = !matches!(
+            felix.bpf_connect_time_load_balancing,
+            Some(margay_api::calico::felix::ConnectTimeLoadBalancing::Disabled)
+        );
+        let mut cgroup = None;
+        let cgroup_result = if ctlb {
+            preflight::cgroup_v2(self.config.cgroup.as_deref(), &bpffs).map(|dir| {
+                let detail = format!(
+                    "cgroup v2 at {} (connect-time load balancing attaches there)",
+                    dir.display()
+                );
+                cgroup = Some(dir);
+                detail
+            })
+        } else {
+            Ok("not needed: bpfConnectTimeLoadBalancing is Disabled".to_owned())
+        };
+        checks.push(preflight::check("cgroup v2", cgroup_result));
+        let url = self.config.datastore_url.clone();
+        let datastore = match margay_datastore::open::location(&url) {
+            Ok(location) => {
+                let resolved = preflight::resolve(&location).await;
+                let range: ipnet::Ipv4Net = margay_datastore::registry::SERVICE_CIDR
+                    .parse()
+                    .expect("a CIDR");
+                preflight::datastore(
+                    &url,
+                    &location,
+                    &resolved,
+                    &preflight::ServiceAddresses {
+                        cluster_ip_range: range,
+                        services,
+                        slices,
+                        node_addresses,
+                    },
+                )
+            }
+            Err(e) => Err(format!("cannot tell where the datastore {url} is: {e}")),
+        };
+        checks.push(preflight::check("datastore", datastore));
+        if checks.iter().all(|c| c.passed) {
+            let started =
+                tokio::task::block_in_place(|| BpfDataplane::start(&bpffs, felix, cgroup));
+            match started {
+                Ok(bpf) => {
+                    tracing::info!("BPF preflight passed; BPF dataplane loaded");
+                    checks.push(preflight::check(
+                        "programs",
+                        Ok(
+                            "loaded: the verifier accepted every program; maps created or adopted"
+                                .to_owned(),
+                        ),
+                    ));
+                    self.bpf = Some(bpf);
+                }
+                Err(e) => checks.push(preflight::check("programs", Err(format!("{e:#}")))),
+            }
+        }
+        let failed: Vec<String> = checks
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| format!("{}: {}", c.name, c.detail))
+            .collect();
+        self.preflight = Some(PreflightStatus {
+            passed: failed.is_empty(),
+            checks,
         });
+        if failed.is_empty() {
+            self.last_preflight_failure = None;
+            return Ok(());
+        }
+        let message = format!(
+            "BPF was requested but this node failed the preflight, staying in Iptables: {}",
+            failed.join("; ")
+        );
+        // One line in the log, when the reason appears or changes (the check runs every sync).
+        if self.last_preflight_failure.as_ref() != Some(&message) {
+            tracing::warn!("{message}");
+            self.last_preflight_failure = Some(message.clone());
+        }
+        Err(message)
+    }
+
+    /// In BPF mode between syncs: the conntrack cleanup and the map counts, then the Node
+    /// status if the fills changed.
+    async fn maintain_bpf(&mut self) {
+        let felix = self.cache.felix(&self.config.node);
+        let Some(bpf) = self.bpf.as_mut() else {
+            return;
+        };
+        match tokio::task::block_in_place(|| bpf.maintain(&felix)) {
+            Ok(Some(cleaned)) if cleaned.removed_entries > 0 => {
+                tracing::info!(report = ?cleaned, "conntrack cleanup");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "BPF maintenance failed"),
+        }
+        self.publish_status().await;
+    }
+
+    /// Writes the Node's `status` (pod CIDRs and `dataplane`: the last sync's report, the
+    /// preflight, the attachments and the map fills) when something other than the fills
+    /// changed, when only the fills changed and they were last written [`BPF_MAINTENANCE`]
+    /// ago or more, and every [`STATUS_HEARTBEAT`] for the last sync time.
+    async fn publish_status(&mut self) {
+        let Some(report) = self.report.clone() else {
+            return;
+        };
+        let node = self.config.node.clone();
+        let mut status = report;
+        let (attached, fills) = match &self.bpf {
+            Some(bpf) => (
+                Some(serde_json::to_value(bpf.attachments()).unwrap_or_default()),
+                Some(serde_json::to_value(bpf.map_fills()).unwrap_or_default()),
+            ),
+            None => (None, None),
+        };
+        let dp = &mut status["dataplane"];
+        dp["preflight"] = serde_json::to_value(&self.preflight).unwrap_or_default();
+        dp["attached"] = attached.unwrap_or_default();
+        let mut substantive = status.clone();
+        for volatile in ["lastSyncTime", "lastSyncDurationMs"] {
+            if let Some(d) = substantive["dataplane"].as_object_mut() {
+                d.remove(volatile);
+            }
+        }
+        status["dataplane"]["maps"] = fills.clone().unwrap_or_default();
         let heartbeat_due = self
             .last_status_write
             .is_none_or(|t| t.elapsed() >= STATUS_HEARTBEAT);
-        if self.last_node_status.as_ref() != Some(&substantive) || heartbeat_due {
-            let status = json!({
-                "podCIDRs": if pod_cidrs.is_empty() { serde_json::Value::Null } else { json!(pod_cidrs) },
-                "dataplane": {
-                    "requested": requested.as_str(),
-                    "active": active.as_str(),
-                    "message": message.or(error),
-                    // Which WireGuard runs (kernel or userspace, and why), while one does.
-                    "wireguardDevice": wireguard_device,
-                    "lastSyncTime": now,
-                    "lastSyncDurationMs": (ms * 1000.0).round() / 1000.0,
-                    "agentVersion": margay_api::VERSION,
-                    // Where this node's maps are pinned, for `margayctl bpf ... --node NAME`.
-                    "bpffsDir": (active == LinuxDataplane::Bpf)
-                        .then(|| self.config.bpffs_dir.to_string_lossy().into_owned()),
-                }
-            });
-            match crate::node::update_status(&self.client, &node, strip_nulls(status)).await {
-                Ok(_) => {
-                    self.last_node_status = Some(substantive);
-                    self.last_status_write = Some(Instant::now());
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot update the Node status"),
+        let fills_due = self.last_fills != fills
+            && self
+                .last_fills_write
+                .is_none_or(|t| t.elapsed() >= BPF_MAINTENANCE);
+        if self.last_node_status.as_ref() == Some(&substantive) && !heartbeat_due && !fills_due {
+            return;
+        }
+        match crate::node::update_status(&self.client, &node, strip_nulls(status)).await {
+            Ok(_) => {
+                self.last_node_status = Some(substantive);
+                self.last_status_write = Some(Instant::now());
+                self.last_fills = fills;
+                self.last_fills_write = Some(Instant::now());
             }
+            Err(e) => tracing::warn!(error = %e, "cannot update the Node status"),
         }
     }
 }

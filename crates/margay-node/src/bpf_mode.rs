@@ -16,12 +16,14 @@ use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use margay_api::calico::FelixConfigurationSpec;
+use margay_api::calico::node::{AttachmentStatus, MapFillStatus};
+use margay_bpf::maps::MapSizes;
 use margay_bpf::maps::RouteValue;
 use margay_bpf::maps::ifstate::{IF_HOST, IF_READY, IF_TUNNEL, IF_WORKLOAD, IfStateValue};
 use margay_bpf::maps::routes::{
     RT_IN_POOL, RT_LOCAL_HOST, RT_LOCAL_WL, RT_REMOTE_HOST, RT_REMOTE_WL, RT_WIREGUARD,
 };
-use margay_bpf::{CgroupProgram, Config, Dataplane, TcMode, TcProgram};
+use margay_bpf::{CgroupProgram, Config, Dataplane, TcLinkKind, TcMode, TcProgram};
 use margay_calc::NodeContext;
 use margay_dataplane::bpf::{BpfNatDriver, Timeouts, map_sizes};
 
@@ -37,7 +39,14 @@ pub struct BpfDataplane {
     dp: Dataplane,
     driver: BpfNatDriver,
     pin_dir: PathBuf,
-    attached: BTreeSet<(String, &'static str)>,
+    /// TC programs attached: (interface, program name) -> the program, TCX or clsact.
+    attached: BTreeMap<(String, &'static str), (TcProgram, TcLinkKind)>,
+    /// The maps' sizes (`bpfMapSize*`), for their fill levels.
+    sizes: MapSizes,
+    /// Entries counted by the last periodic scan (conntrack, affinity, connect-time LB reverse
+    /// map): counting is a full iteration, done with the conntrack cleanup every
+    /// [`CONNTRACK_SCAN`], never per sync.
+    scanned: BTreeMap<&'static str, usize>,
     /// What `mg_ifstate` holds, by ifindex.
     if_states: BTreeMap<u32, IfStateValue>,
     /// The WireGuard interface (name, ifindex) `mg_from_wg` is attached to.
@@ -52,8 +61,9 @@ pub struct BpfDataplane {
     /// Where connect-time load balancing attaches (None: it is off).
     ctlb_cgroup: Option<PathBuf>,
     /// Leaving BPF: no frontend, no connect-time load balancing; the programs only go on
-    /// translating the flows they opened, until those end.
-    draining: bool,
+    /// translating the flows they opened, until those end or [`DRAIN_LIMIT`] passes. When it
+    /// started.
+    draining: Option<Instant>,
     /// Whether the flows the kernel's conntrack NATed have been handed over (the first sync
     /// after taking over from iptables, or after coming back during a drain, seeds them).
     took_over: bool,
@@ -75,6 +85,15 @@ fn tc_mode_from_env() -> Result<TcMode> {
         Ok(other) => bail!("{TC_ATTACH_ENV}={other:?} is not one of auto, tcx, clsact"),
     }
 }
+
+/// How long a node leaving BPF keeps its programs attached for the flows they translated
+/// (`--bpf-drain-limit`). Calico has no such setting (it restarts Felix and drops what BPF
+/// translated); five minutes is the connection-draining time cloud load balancers default to
+/// (AWS's deregistration delay, GCP's connection draining), long enough for requests in flight
+/// and short enough that an idle kept-alive connection (up to `tcpEstablished`, 1 h) cannot
+/// hold the node between dataplanes. When it passes, the remaining flows are cut (logged one by
+/// one) and everything is removed.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(300);
 
 impl Drop for BpfDataplane {
     fn drop(&mut self) {
@@ -119,7 +138,7 @@ impl std::fmt::Debug for BpfDataplane {
 
 /// Mounts a bpffs at `dir` unless one is there already (bpffs is not always mounted, and the
 /// agent may pin in a directory of its own).
-fn ensure_bpffs(dir: &Path) -> Result<()> {
+pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
@@ -147,16 +166,15 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
 }
 
 impl BpfDataplane {
-    /// The preflight and the load: BTF and the verifier accept the programs, the maps are
-    /// created or adopted, connect-time load balancing attaches to `cgroup`.
+    /// The load, after the other preflight checks (`crate::preflight`) passed: the verifier
+    /// accepts the programs, the maps are created or adopted, connect-time load balancing
+    /// attaches to `cgroup` (the cgroup v2 directory the preflight resolved; None when
+    /// `bpfConnectTimeLoadBalancing` is Disabled).
     pub fn start(
         bpffs: &Path,
         felix: &FelixConfigurationSpec,
-        cgroup: Option<&Path>,
+        cgroup: Option<PathBuf>,
     ) -> Result<Self> {
-        if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-            bail!("the kernel has no BTF (/sys/kernel/btf/vmlinux), which the BPF programs need");
-        }
         let tc_mode = tc_mode_from_env()?;
         ensure_bpffs(bpffs)?;
         // Replies the programs SNAT back to a NodePort carry this node's own address as source
@@ -175,14 +193,6 @@ impl BpfDataplane {
         if !dp.replaced_maps().is_empty() {
             tracing::warn!(maps = ?dp.replaced_maps(), "recreated pinned maps whose layout or size changed");
         }
-        let ctlb = !matches!(
-            felix.bpf_connect_time_load_balancing,
-            Some(margay_api::calico::felix::ConnectTimeLoadBalancing::Disabled)
-        );
-        let resolved = match cgroup {
-            Some(c) if c.exists() => Some(c.to_owned()),
-            _ => own_cgroup(bpffs).ok(),
-        };
         let driver = BpfNatDriver::new(dp.maps()?).context("cannot open the NAT maps")?;
         let routes: BTreeMap<Ipv4Net, RouteValue> =
             driver.maps().routes.entries()?.into_iter().collect();
@@ -206,20 +216,24 @@ impl BpfDataplane {
             dp,
             driver,
             pin_dir: bpffs.to_owned(),
-            attached: BTreeSet::new(),
+            attached: BTreeMap::new(),
+            sizes: config.sizes,
+            scanned: BTreeMap::new(),
             if_states,
             wireguard_link: None,
             routes,
             last_scan: Instant::now(),
             debug_log: false,
             log_stop,
-            ctlb_cgroup: resolved.filter(|_| ctlb),
-            draining: false,
+            ctlb_cgroup: cgroup,
+            draining: None,
             took_over: false,
             tc_mode,
         };
         bpf.set_debug_log(felix)?;
         bpf.attach_cgroups()?;
+        // A first count, so the first status already says how full the maps are.
+        bpf.count_scanned()?;
         Ok(bpf)
     }
 
@@ -267,7 +281,7 @@ impl BpfDataplane {
         node_ips: &[Ipv4Addr],
         pools: &[Ipv4Net],
     ) -> Result<()> {
-        if self.draining {
+        if self.draining.is_some() {
             return Ok(());
         }
         let links = self.pin_dir.join("links");
@@ -290,16 +304,16 @@ impl BpfDataplane {
         self.driver
             .sync(&[], &[], &context)
             .context("cannot remove the NAT frontends")?;
-        self.draining = true;
+        self.draining = Some(Instant::now());
         Ok(())
     }
 
     /// Back to BPF before the drain ended: connect-time load balancing again; the next
     /// [`Self::sync`] writes the frontends.
     pub fn resume(&mut self) -> Result<()> {
-        if self.draining {
+        if self.draining.is_some() {
             self.attach_cgroups()?;
-            self.draining = false;
+            self.draining = None;
             // Flows iptables opened during the drain are handed over like at the first switch.
             self.took_over = false;
         }
@@ -307,7 +321,152 @@ impl BpfDataplane {
     }
 
     pub fn draining(&self) -> bool {
-        self.draining
+        self.draining.is_some()
+    }
+
+    /// How long the drain has lasted (zero when not draining).
+    pub fn drain_elapsed(&self) -> Duration {
+        self.draining.map_or(Duration::ZERO, |t| t.elapsed())
+    }
+
+    /// The flows still live, one line each, to log what a drain that reached its limit cuts.
+    pub fn live_flow_descriptions(&self, felix: &FelixConfigurationSpec) -> Result<Vec<String>> {
+        Ok(self
+            .driver
+            .live_flow_descriptions(&Timeouts::from_felix(felix))?)
+    }
+
+    /// Where each program is attached, for the Node status: the TC programs by interface (TC
+    /// ingress or egress, TCX or clsact), connect-time load balancing on its cgroup (not while
+    /// draining: it is detached then).
+    pub fn attachments(&self) -> Vec<AttachmentStatus> {
+        let mut out: Vec<AttachmentStatus> = self
+            .attached
+            .iter()
+            .map(|((iface, _), (prog, kind))| AttachmentStatus {
+                program: prog.name().to_owned(),
+                hook: match prog {
+                    TcProgram::FromWorkload
+                    | TcProgram::FromHostIface
+                    | TcProgram::FromTunnel
+                    | TcProgram::FromWireguard => "tc ingress",
+                    TcProgram::ToWorkload | TcProgram::ToHostIface | TcProgram::ToTunnel => {
+                        "tc egress"
+                    }
+                }
+                .to_owned(),
+                mode: Some(
+                    match kind {
+                        TcLinkKind::Tcx => "tcx",
+                        TcLinkKind::Clsact => "clsact",
+                    }
+                    .to_owned(),
+                ),
+                interface: Some(iface.clone()),
+                cgroup: None,
+            })
+            .collect();
+        if let Some((iface, _)) = &self.wireguard_link {
+            out.push(AttachmentStatus {
+                program: TcProgram::FromWireguard.name().to_owned(),
+                hook: "tc ingress".to_owned(),
+                mode: None,
+                interface: Some(iface.clone()),
+                cgroup: None,
+            });
+        }
+        if let (Some(cgroup), None) = (&self.ctlb_cgroup, self.draining) {
+            for prog in CgroupProgram::ALL {
+                out.push(AttachmentStatus {
+                    program: prog.name().to_owned(),
+                    hook: format!("cgroup {}", prog.name().trim_start_matches("mg_")),
+                    mode: None,
+                    interface: None,
+                    cgroup: Some(cgroup.display().to_string()),
+                });
+            }
+        }
+        out
+    }
+
+    /// How full each map is: NAT frontends and backends from the driver's model, routes and
+    /// interfaces from what this agent wrote (exact, free), conntrack, affinity and the
+    /// connect-time LB reverse map from the last periodic scan (`source: scan`).
+    pub fn map_fills(&self) -> Vec<MapFillStatus> {
+        use margay_bpf::maps::names;
+        let model = self.driver.current();
+        let exact = [
+            (
+                names::NAT_FRONTEND,
+                model.frontends.len(),
+                self.sizes.nat_frontend,
+            ),
+            (
+                names::NAT_BACKEND,
+                model.backends.len(),
+                self.sizes.nat_backend,
+            ),
+            (names::ROUTES, self.routes.len(), self.sizes.route),
+            (names::IF_STATE, self.if_states.len(), self.sizes.if_state),
+        ];
+        let scanned = [
+            (names::CONNTRACK, self.sizes.conntrack),
+            (names::NAT_AFFINITY, self.sizes.nat_affinity),
+            (names::CTLB_REV, self.sizes.nat_affinity),
+        ];
+        let fill = |name: &str, entries: usize, max: u32, source: &str| MapFillStatus {
+            name: name.to_owned(),
+            entries: entries as u64,
+            max_entries: u64::from(max),
+            source: Some(source.to_owned()),
+        };
+        exact
+            .iter()
+            .map(|(n, e, m)| fill(n, *e, *m, "exact"))
+            .chain(
+                scanned
+                    .iter()
+                    .map(|(n, m)| fill(n, self.scanned.get(n).copied().unwrap_or(0), *m, "scan")),
+            )
+            .collect()
+    }
+
+    /// The periodic work between syncs: every [`CONNTRACK_SCAN`], the conntrack cleanup and the
+    /// counts of the maps the programs fill themselves. Returns the cleanup's report when one
+    /// ran.
+    pub fn maintain(
+        &mut self,
+        felix: &FelixConfigurationSpec,
+    ) -> Result<Option<margay_dataplane::bpf::CleanupReport>> {
+        if self.last_scan.elapsed() < CONNTRACK_SCAN {
+            return Ok(None);
+        }
+        self.last_scan = Instant::now();
+        let cleaned = self
+            .driver
+            .cleanup_conntrack(&Timeouts::from_felix(felix))?;
+        self.scanned.insert(
+            margay_bpf::maps::names::CONNTRACK,
+            cleaned.entries.saturating_sub(cleaned.removed_entries),
+        );
+        self.count_scanned()?;
+        Ok(Some(cleaned))
+    }
+
+    /// Counts the affinity and connect-time LB reverse maps (LRU maps the programs fill; at
+    /// most `bpfMapSizeNATAffinity` entries each), and conntrack when no cleanup counted it yet.
+    fn count_scanned(&mut self) -> Result<()> {
+        use margay_bpf::maps::names;
+        let maps = self.driver.maps();
+        if !self.scanned.contains_key(names::CONNTRACK) {
+            self.scanned
+                .insert(names::CONNTRACK, maps.conntrack.entries()?.len());
+        }
+        self.scanned
+            .insert(names::NAT_AFFINITY, maps.affinity.entries()?.len());
+        self.scanned
+            .insert(names::CTLB_REV, maps.ctlb_rev.entries()?.len());
+        Ok(())
     }
 
     /// The flows in conntrack that may still send packets (neither closed nor expired).
@@ -340,9 +499,30 @@ impl BpfDataplane {
             .context("no bpfDataIfacePattern")?;
         let links = self.pin_dir.join("links");
         std::fs::create_dir_all(&links)?;
-        let ifaces = interfaces()?;
+        let all = all_interfaces()?;
+        let ifaces = interfaces(&all);
         let wireguard_iface = wireguard.map(|w| w.interface.as_str());
         let mut if_states = BTreeMap::new();
+        // Interfaces that went (a pod deleted): their links died with them; forget them so that
+        // the status lists only live attachments and a veth re-created under the same name
+        // gets its programs again.
+        let gone: Vec<(String, &'static str)> = self
+            .attached
+            .keys()
+            .filter(|(iface, _)| !all.iter().any(|l| l.name == *iface))
+            .cloned()
+            .collect();
+        for (iface, prog) in gone {
+            self.attached.remove(&(iface.clone(), prog));
+            let pin = links.join(format!("tc_{}_{prog}", iface.replace('.', "_")));
+            match std::fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot remove {}", pin.display()));
+                }
+            }
+        }
         for (iface, ifindex) in &ifaces {
             let (iface, ifindex) = (iface.clone(), *ifindex);
             let (progs, kind): (&[TcProgram], u32) = if iface.starts_with("cali") {
@@ -360,14 +540,16 @@ impl BpfDataplane {
                 (&[], 0)
             };
             for prog in progs {
-                if self.attached.contains(&(iface.clone(), prog.name())) {
+                if self.attached.contains_key(&(iface.clone(), prog.name())) {
                     continue;
                 }
                 let pin = links.join(format!("tc_{}_{}", iface.replace('.', "_"), prog.name()));
-                self.dp
+                let (kind, _adopted) = self
+                    .dp
                     .attach_tc_pinned(*prog, &iface, &pin, self.tc_mode)
                     .with_context(|| format!("cannot attach {} to {iface}", prog.name()))?;
-                self.attached.insert((iface.clone(), prog.name()));
+                self.attached
+                    .insert((iface.clone(), prog.name()), (*prog, kind));
             }
             if !progs.is_empty() {
                 if_states.insert(ifindex, IfStateValue::new(kind | IF_READY, &iface));
@@ -444,11 +626,7 @@ impl BpfDataplane {
             self.routes.len(),
             self.if_states.len()
         );
-        if self.last_scan.elapsed() >= CONNTRACK_SCAN {
-            self.last_scan = Instant::now();
-            let cleaned = self
-                .driver
-                .cleanup_conntrack(&Timeouts::from_felix(felix))?;
+        if let Some(cleaned) = self.maintain(felix)? {
             summary.push_str(&format!("; conntrack cleanup {cleaned:?}"));
         }
         Ok(summary)
@@ -588,7 +766,7 @@ impl BpfDataplane {
 /// This process's own cgroup v2 directory, for when the configured one is not visible: inside
 /// `ip netns exec` (the lab), /sys is a fresh sysfs without the cgroup mounts. Mounts cgroup2 at
 /// a directory beside the bpffs one, in this process's mount namespace only.
-fn own_cgroup(bpffs: &Path) -> Result<PathBuf> {
+pub fn own_cgroup(bpffs: &Path) -> Result<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/cgroup")?;
     let relative = text
         .lines()
@@ -750,11 +928,10 @@ fn all_interfaces() -> Result<Vec<Link>> {
 
 /// The names and ifindexes of the interfaces the programs may attach to: every one that is not
 /// down (pod veths even then), except loopback.
-fn interfaces() -> Result<Vec<(String, u32)>> {
-    Ok(all_interfaces()?
-        .into_iter()
+fn interfaces(all: &[Link]) -> Vec<(String, u32)> {
+    all.iter()
         .filter(|l| !l.down || l.name.starts_with("cali"))
         .filter(|l| l.name != "lo")
-        .map(|l| (l.name, l.ifindex))
-        .collect())
+        .map(|l| (l.name.clone(), l.ifindex))
+        .collect()
 }

@@ -35,8 +35,18 @@ pub struct Cache {
 }
 
 impl Cache {
-    pub fn upsert(&mut self, stored: Stored) {
+    /// Stores `stored`; returns whether the dataplane may need to change. A Node whose only
+    /// change is its agent's `status.dataplane` report (refreshed every few seconds in BPF
+    /// mode) does not: nothing the agent programs reads it.
+    pub fn upsert(&mut self, stored: Stored) -> bool {
+        let relevant = match self.objects.get(&stored.key) {
+            Some(old) if stored.key.kind == Kind::Node => {
+                without_dataplane_report(&old.value) != without_dataplane_report(&stored.value)
+            }
+            _ => true,
+        };
         self.objects.insert(stored.key.clone(), stored);
+        relevant
     }
 
     pub fn remove(&mut self, key: &Key) {
@@ -194,4 +204,16 @@ pub fn node_ipv4(node: &Value) -> Option<Ipv4Addr> {
                 .find_map(|a| parse(a["address"].as_str()?))
         })
         .or_else(|| parse(node["spec"]["bgp"]["ipv4Address"].as_str()?))
+}
+
+/// A Node without `status.dataplane`, its agent's report.
+fn without_dataplane_report(node: &Value) -> Value {
+    let mut v = node.clone();
+    if let Some(status) = v.get_mut("status").and_then(Value::as_object_mut) {
+        status.remove("dataplane");
+    }
+    if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+    }
+    v
 }

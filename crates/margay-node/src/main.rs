@@ -7,6 +7,7 @@ mod bpf_mode;
 mod cache;
 mod health;
 mod node;
+mod preflight;
 mod proxy;
 mod routes;
 mod vxlan;
@@ -49,6 +50,10 @@ struct Args {
     /// cgroupV2Path; the whole host's root cgroup on a real node).
     #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// How long a node leaving BPF keeps its programs for the flows they translated before it
+    /// cuts them (Go-style duration: `300s`, `5m`; default 5m).
+    #[arg(long, env = "MARGAY_BPF_DRAIN_LIMIT", value_name = "DURATION", value_parser = parse_duration)]
+    bpf_drain_limit: Option<std::time::Duration>,
     /// Remove every route and iptables rule this agent owns on this node, then exit (for
     /// uninstalling, or after moving a node to another dataplane by hand).
     #[arg(long)]
@@ -56,6 +61,13 @@ struct Args {
     /// Log filter (tracing's EnvFilter syntax).
     #[arg(long, env = "MARGAY_LOG", default_value = "info")]
     log: String,
+}
+
+/// A Go-style duration (`300s`, `5m`, `1h30m`), as FelixConfiguration writes them.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    text.parse::<margay_api::values::GoDuration>()
+        .map(|d| d.as_duration())
+        .map_err(|e| e.to_string())
 }
 
 fn cleanup() -> ExitCode {
@@ -121,6 +133,7 @@ fn main() -> ExitCode {
         state_dir,
         bpffs_dir: args.bpffs_dir,
         cgroup: args.cgroup,
+        bpf_drain_limit: args.bpf_drain_limit.unwrap_or(bpf_mode::DRAIN_LIMIT),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

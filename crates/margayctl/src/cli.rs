@@ -162,12 +162,13 @@ pub struct LabelArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
-    /// Per node: the dataplane requested and in use, why they differ, the last sync and its
-    /// duration, the pod CIDRs and WireGuard key, as each node's agent reports them.
+    /// Per node: the dataplane requested and in use, why they differ, the BPF preflight, what
+    /// is attached where, map fill levels, the last sync and its duration, the pod CIDRs and
+    /// WireGuard key, as each node's agent reports them in its Node status.
     Status {
-        /// One node; every node when omitted.
+        /// One node, in full; every node, one line each, when omitted.
         node: Option<String>,
-        /// Output: ps (default) or json.
+        /// Output: ps (default), wide (every node in full), json or yaml.
         #[arg(short = 'o', long, default_value = "ps")]
         output: String,
     },

@@ -789,6 +789,66 @@ status:
     assert_eq!(json[0]["active"], "Iptables");
     assert_eq!(json[0]["podCIDRs"], json!(["192.168.0.0/26"]));
     env.fails(&["node", "status", "node-9"], None);
+
+    // A BPF node's whole report: preflight checks, attachments, map fills.
+    let bpf_node = r#"
+apiVersion: projectcalico.org/v3
+kind: Node
+metadata: {name: node-2}
+spec:
+  addresses: [{address: 10.224.0.5/16, type: CalicoNodeIP}]
+status:
+  dataplane:
+    requested: BPF
+    active: BPF
+    lastSyncTime: "2026-11-26T10:00:00.000Z"
+    lastSyncDurationMs: 4.25
+    preflight:
+      passed: true
+      checks:
+      - {name: cgroup v2, passed: true, detail: "cgroup v2 at /sys/fs/cgroup/k8s"}
+      - {name: datastore, passed: true, detail: "local datastore (SQLite file /var/lib/margay/margay.db)"}
+    attached:
+    - {program: mg_from_wl, hook: tc ingress, mode: tcx, interface: cali0123456789a}
+    - {program: mg_connect4, hook: cgroup connect4, cgroup: /sys/fs/cgroup/k8s}
+    maps:
+    - {name: mg_ct, entries: 128, maxEntries: 512000, source: scan}
+    - {name: mg_nat_fe, entries: 12, maxEntries: 65536, source: exact}
+"#;
+    env.ok_stdin(&["apply", "-f", "-"], bpf_node);
+    let table = env.ok(&["node", "status"]);
+    assert_eq!(table.lines().count(), 3, "one line per node:\n{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("node-2") && l.contains("passed")),
+        "{table}"
+    );
+    let full = env.ok(&["node", "status", "node-2"]);
+    for expected in [
+        "Node node-2: dataplane requested BPF, in use BPF",
+        "last sync:   2026-11-26T10:00:00.000Z (4.25 ms)",
+        "datastore   ok   local datastore",
+        "mg_from_wl    tc ingress        tcx    cali0123456789a",
+        "mg_connect4   cgroup connect4   -      /sys/fs/cgroup/k8s",
+        "mg_ct       128       512000   0.03%   periodic scan (10 s)",
+        "mg_nat_fe   12        65536    0.02%   exact",
+    ] {
+        assert!(full.contains(expected), "{expected:?} not in:\n{full}");
+    }
+    let wide = env.ok(&["node", "status", "-o", "wide"]);
+    assert!(
+        wide.contains("Node node-1: dataplane requested BPF, in use Iptables")
+            && wide.contains("preflight:   -")
+            && wide.contains("Node node-2"),
+        "{wide}"
+    );
+    let yaml = env.ok(&["node", "status", "node-2", "-o", "yaml"]);
+    assert!(
+        yaml.contains("interface: cali0123456789a") && yaml.contains("maxEntries: 512000"),
+        "{yaml}"
+    );
+    env.fails(&["node", "status", "-o", "xml"], None);
 }
 
 #[test]

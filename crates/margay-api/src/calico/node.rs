@@ -124,6 +124,68 @@ pub struct NodeDataplaneStatus {
     /// `<bpffsDir>/maps`); `margayctl bpf ... --node NAME` reads them there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bpffs_dir: Option<String>,
+    /// The last BPF preflight (while BPF is requested): each check and its outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preflight: Option<PreflightStatus>,
+    /// In BPF mode: each program attachment (program, hook, interface or cgroup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attached: Option<Vec<AttachmentStatus>>,
+    /// In BPF mode: how full each map is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maps: Option<Vec<MapFillStatus>>,
+}
+
+/// The outcome of the checks a node runs before it takes BPF on.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreflightStatus {
+    /// Every check passed and the node runs (or may run) BPF.
+    pub passed: bool,
+    #[serde(default)]
+    pub checks: Vec<PreflightCheck>,
+}
+
+/// One preflight check: `kernel BTF`, `bpffs`, `cgroup v2`, `datastore`, `programs`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreflightCheck {
+    pub name: String,
+    pub passed: bool,
+    /// What was found (when passed) or what is wrong and what to change (when not).
+    pub detail: String,
+}
+
+/// Where one BPF program is attached.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachmentStatus {
+    /// The program's name (`mg_from_wl`, `mg_connect4`...).
+    pub program: String,
+    /// `tc ingress`, `tc egress`, or the cgroup hook (`cgroup connect4`...).
+    pub hook: String,
+    /// TC programs: `tcx` or `clsact`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// TC programs: the interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// cgroup programs: the cgroup v2 directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+}
+
+/// How full one BPF map is.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MapFillStatus {
+    /// The map's pinned name (`mg_ct`, `mg_nat_fe`...).
+    pub name: String,
+    pub entries: u64,
+    pub max_entries: u64,
+    /// How `entries` is known: `exact` (the agent's own writes) or `scan` (counted by the
+    /// periodic conntrack and affinity scan, up to its period old).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 impl NodeSpec {

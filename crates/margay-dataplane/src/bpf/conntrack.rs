@@ -168,6 +168,16 @@ pub fn expired(entries: &[&CtValue], proto: u8, now_ns: u64, t: &Timeouts) -> Op
 /// that the flows they translated keep being translated (the kernel's conntrack never saw them
 /// whole, and kube-proxy's rules would NAT their next packet as a new flow).
 pub fn live_flows(entries: &[(CtKey, CtValue)], now_ns: u64, t: &Timeouts) -> usize {
+    live_flow_entries(entries, now_ns, t).len()
+}
+
+/// The entries [`live_flows`] counts, one per live flow (to say which flows a bounded drain
+/// cuts).
+pub fn live_flow_entries<'a>(
+    entries: &'a [(CtKey, CtValue)],
+    now_ns: u64,
+    t: &Timeouts,
+) -> Vec<&'a (CtKey, CtValue)> {
     let keys: HashSet<&CtKey> = entries.iter().map(|(k, _)| k).collect();
     entries
         .iter()
@@ -177,7 +187,26 @@ pub fn live_flows(entries: &[(CtKey, CtValue)], now_ns: u64, t: &Timeouts) -> us
             Some(CtType::NatReverse) => !keys.contains(&v.peer),
             None => false,
         } && !closed(v, k.proto) && expired(&[v], k.proto, now_ns, t).is_none())
-        .count()
+        .collect()
+}
+
+/// One line for a flow's conntrack entry: protocol, the two ends of its key, and for a NAT
+/// entry the address it translates to (`tcp 203.0.113.10:40000 <-> 10.224.0.4:30080 nat
+/// 10.244.1.5:8080`).
+pub fn describe_flow(key: &CtKey, value: &CtValue) -> String {
+    let proto = match key.proto {
+        IPPROTO_TCP => "tcp".to_owned(),
+        IPPROTO_UDP => "udp".to_owned(),
+        IPPROTO_ICMP => "icmp".to_owned(),
+        other => format!("proto {other}"),
+    };
+    let (a, b) = (key.a(), key.b());
+    let mut line = format!("{proto} {}:{} <-> {}:{}", a.0, a.1, b.0, b.1);
+    if matches!(value.kind(), Some(CtType::NatForward | CtType::NatReverse)) {
+        let (ip, port) = value.nat();
+        line.push_str(&format!(" nat {ip}:{port}"));
+    }
+    line
 }
 
 /// A TCP flow that ended (a RST, or a FIN from both sides): nothing more of it needs translating
