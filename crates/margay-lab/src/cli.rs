@@ -219,6 +219,10 @@ pub enum NodeCommand {
     RestartAgent {
         /// The node.
         node: String,
+        /// Start the new agent against this datastore URL instead of the lab's (for example
+        /// the lab's etcd through a Service address, to see the BPF preflight refuse it).
+        #[arg(long, value_name = "URL")]
+        datastore: Option<String>,
     },
 }
 

@@ -463,7 +463,7 @@ impl Agent {
                         tracing::warn!(
                             flows = n,
                             limit_s = limit.as_secs_f64(),
-                            "BPF drain limit reached: cutting {n} flows the programs still translate: {}",
+                            "BPF drain limit reached: cutting {n} flow(s) the programs still translate: {}",
                             flows.join("; ")
                         );
                     }

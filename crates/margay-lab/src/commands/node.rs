@@ -39,7 +39,7 @@ pub fn run(name: &str, command: NodeCommand) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        NodeCommand::RestartAgent { node } => {
+        NodeCommand::RestartAgent { node, datastore } => {
             super::require_root("node restart-agent")?;
             lab.node(&node)?;
             if infrastructure_only(&lab)? {
@@ -51,7 +51,7 @@ pub fn run(name: &str, command: NodeCommand) -> Result<ExitCode> {
                 let pids = margay_lab::controller::agents::restart_after_crash(
                     &lab,
                     &node,
-                    &cluster.datastore_url,
+                    datastore.as_deref().unwrap_or(&cluster.datastore_url),
                 )?;
                 cluster.converge().await?;
                 anyhow::Ok(pids)

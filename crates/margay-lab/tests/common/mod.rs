@@ -40,7 +40,7 @@ impl TestLab {
     }
 
     /// [`TestLab::up`] with environment variables for `margay-lab up`, which its agents inherit
-    /// (test-only switches such as `MARGAY_BPF_TC_ATTACH`).
+    /// (test-only switches such as `MARGAY_BPF_TC_ATTACH`, or `MARGAY_BPF_DRAIN_LIMIT`).
     pub fn up_with_env(prefix: &str, extra: &[&str], env: &[(&str, &str)]) -> TestLab {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("{prefix}{:x}{n}", std::process::id() % 0xfffff);
