@@ -311,7 +311,8 @@ impl WireGuard {
             }
         }
         for p in add {
-            if plan::uapi_add_peer(p).is_some()
+            // A peer whose published key is not a key is left out (it cannot be configured).
+            if key::base64_to_bytes(&p.public_key).is_some()
                 && let Some(d) = self.device.as_mut()
             {
                 let added_now = d.add_peer(p).await;
