@@ -582,11 +582,13 @@ fn a_udp_flow_keeps_its_backend_across_both_switches() {
         .join("margay-demo-app")
         .to_string_lossy()
         .into_owned();
-    // One client socket per pod (one UDP flow each), a datagram every 100 ms for ~16 s, while
+    // Two client sockets per pod (one UDP flow each), a datagram every 100 ms for ~16 s, while
     // the cluster goes Iptables -> BPF -> Iptables. Each flow's backend is chosen by iptables
-    // (the kernel's conntrack) at its first datagram; 3 flows over 2 backends.
+    // (the kernel's conntrack) at its first datagram: 6 flows over 2 backends, so a dataplane
+    // that picked again at the switch would keep all six by chance once in 64 runs.
     let clients: Vec<(&str, std::process::Child)> = ["client-1", "client-2", "client-3"]
         .into_iter()
+        .flat_map(|pod| [pod, pod])
         .map(|pod| {
             let child = Command::new(lab.bin_dir.join("margay-lab"))
                 .args(["--name", &lab.name, "exec", "-n", "matrix", pod, "--", &app])
@@ -606,6 +608,10 @@ fn a_udp_flow_keeps_its_backend_across_both_switches() {
     // The programs drain: they go on translating the flows they track.
     let message = lab.jsonpath(&["node", "node-1"], "{.status.dataplane.message}");
     println!("node-1 after the switch back: {message}");
+    assert!(
+        message.contains("stay attached"),
+        "node-1 drains the flows its programs translate: {message:?}"
+    );
     let mut problems = Vec::new();
     for (pod, child) in clients {
         let out = child.wait_with_output().expect("udp client");
