@@ -568,6 +568,23 @@ mod tests {
         );
     }
 
+    /// A configured cgroup directory on another file system is refused, saying which and what
+    /// to give instead (read from this machine's real mount table).
+    #[test]
+    fn a_cgroup_that_is_not_cgroup_v2_is_refused_with_the_reason() {
+        let err = cgroup_v2(
+            Some(Path::new("/proc/self")),
+            Path::new("/nonexistent/bpffs"),
+        )
+        .expect_err("/proc is no cgroup v2");
+        assert!(
+            err.contains(
+                "--cgroup /proc/self is not a cgroup v2 directory (its file system is proc)"
+            ) && err.contains("systemd.unified_cgroup_hierarchy=1"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn the_cgroup_mount_is_the_longest_prefix() {
         let mounts = "sysfs /sys sysfs rw 0 0\n\
