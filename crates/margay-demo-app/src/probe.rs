@@ -1,7 +1,8 @@
 //! `probe`: the connectivity-test client.
 //!
-//! Each attempt resolves the host with the system resolver, connects on a new socket, and prints
-//! the server's answer (for `echo`: `<source-ip-it-saw>:<port> <name>`) as one line on stdout.
+//! Each attempt resolves the host with the system resolver, connects on a new socket (`probe udp
+//! --one-socket`: one socket for every attempt, i.e. one UDP flow), and prints the server's
+//! answer (for `echo`: `<source-ip-it-saw>:<port> <name>`) as one line on stdout.
 //! A failed attempt prints one line on stderr, `<kind>: <what>: <why>`, kind being one of
 //! `refused`, `reset`, `timeout`, `dns`, `error`. With `--count N` every attempt is made, and the
 //! exit code is the first failure's:

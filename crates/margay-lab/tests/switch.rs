@@ -390,7 +390,7 @@ fn switching_back_leaves_no_clsact_filter_in_the_kernel() {
     if skip_unless_root("switching_back_leaves_no_clsact_filter_in_the_kernel") {
         return;
     }
-    switch_back_leaves_nothing("swc", "clsact");
+    switch_back_leaves_nothing("swq", "clsact");
 }
 
 /// The chains of kube-proxy's NAT rules that only Service traffic reaches.
