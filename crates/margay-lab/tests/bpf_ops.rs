@@ -190,6 +190,10 @@ fn bpf_dumps_show_frontends_backends_live_flows_routes_and_counters() {
         })
         .unwrap_or_else(|| panic!("no tunnel entry for the live flow on node-2:\n{ct2}"));
     assert!(tunnel.contains("established"), "{tunnel}");
+    // Every NAT and tunnel entry names the Service of the frontend the client dialled (looked
+    // up in the node's frontends and the datastore's Services).
+    let service = format!("  svc {} ops/web/tcp  ", local["serviceId"]);
+    assert!(tunnel.contains(&service), "{tunnel} lacks {service:?}");
     let forward = ct1
         .lines()
         .find(|l| {
@@ -199,14 +203,16 @@ fn bpf_dumps_show_frontends_backends_live_flows_routes_and_counters() {
         })
         .unwrap_or_else(|| panic!("no forward entry on node-1:\n{ct1}"));
     assert!(
-        forward.contains("established") && forward.contains("from-tunnel"),
+        forward.contains("established")
+            && forward.contains("from-tunnel")
+            && forward.contains(&service),
         "{forward}"
     );
     assert!(
         ct1.lines().any(|l| l.contains(&format!(
             " -> {web}:8081  nat-reverse frontend {NODE_2}:30090"
-        ))),
-        "no reverse entry on node-1:\n{ct1}"
+        )) && l.contains(&service)),
+        "no reverse entry naming the Service on node-1:\n{ct1}"
     );
     let ct_json: serde_json::Value = serde_json::from_str(&lab.margayctl(&[
         "bpf",
@@ -218,13 +224,30 @@ fn bpf_dumps_show_frontends_backends_live_flows_routes_and_counters() {
         "json",
     ]))
     .expect("conntrack json");
+    let forward_json = ct_json
+        .as_array()
+        .expect("entries")
+        .iter()
+        .find(|e| e["type"] == "nat-forward" && e["nat"]["backend"] == format!("{web}:8081"))
+        .unwrap_or_else(|| panic!("no forward entry in the json: {ct_json}"));
+    assert_eq!(forward_json["service"], "ops/web/tcp", "{forward_json}");
+    assert_eq!(
+        forward_json["serviceId"], local["serviceId"],
+        "{forward_json}"
+    );
+    // One ingress node per client tuple: the client keeps its port (port SNAT is proven with
+    // two ingress nodes in margay-bpf's tunnel.rs, and its rendering in margayctl's unit test).
+    assert_eq!(
+        forward_json["psnatPort"],
+        serde_json::Value::Null,
+        "{forward_json}"
+    );
     assert!(
-        ct_json
-            .as_array()
-            .expect("entries")
-            .iter()
-            .any(|e| e["type"] == "nat-forward" && e["nat"]["backend"] == format!("{web}:8081")),
-        "{ct_json}"
+        forward_json
+            .as_object()
+            .expect("entry")
+            .contains_key("psnatPort"),
+        "{forward_json}"
     );
 
     // Counters: the new flow was counted (and tunnelled) on node-2.

@@ -11,6 +11,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
+use k8s_openapi::api::core::v1::Service;
 use margay_api::Kind;
 use margay_bpf::maps::conntrack::{
     F_CLIENT_IS_B, F_DSR, F_EXTERNAL, F_FROM_TUNNEL, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
@@ -26,7 +27,7 @@ use margay_bpf::maps::{
     AffinityKey, AffinityValue, CtKey, CtType, CtValue, Maps, NatBackendKey, NatBackendValue,
     NatFrontendKey, NatFrontendValue, Protocol, RouteValue, names,
 };
-use margay_datastore::Key;
+use margay_datastore::{Client, Key};
 use serde_json::{Value, json};
 
 use crate::cli::{BpfCommand, BpfDump, BpfTarget};
@@ -52,9 +53,15 @@ pub async fn run(datastore: Option<&str>, command: BpfCommand) -> Result<()> {
         "text" | "" => false,
         other => bail!("unknown output format {other:?}; use text or json"),
     };
-    let (dir, node) = resolve(datastore, &target).await?;
+    let (dir, node, client) = resolve(datastore, &target).await?;
     let maps = open_maps(&dir, node.as_ref())?;
     let now_ns = margay_dataplane::bpf::conntrack::monotonic_now_ns();
+    // Conntrack rows name their Service when the datastore is at hand (`--node`, or an
+    // explicit `--datastore`); without one they still carry the frontend's service id.
+    let service_names = match (view, client) {
+        (View::Conntrack, Some(client)) => service_port_names(&client).await?,
+        _ => ServiceNames::new(),
+    };
     let value = match view {
         View::Nat => nat_view(
             &maps.nat_frontends.entries()?,
@@ -62,7 +69,11 @@ pub async fn run(datastore: Option<&str>, command: BpfCommand) -> Result<()> {
             &maps.affinity.entries()?,
             now_ns,
         ),
-        View::Conntrack => conntrack_view(&maps.conntrack.entries()?, now_ns),
+        View::Conntrack => conntrack_view(
+            &maps.conntrack.entries()?,
+            &Frontends::new(&maps.nat_frontends.entries()?, &service_names),
+            now_ns,
+        ),
         View::Routes => routes_view(
             &maps.routes.entries()?,
             &maps.if_state.entries()?.into_iter().collect(),
@@ -97,17 +108,22 @@ struct NodeRef {
     address: Option<Ipv4Addr>,
 }
 
-/// The bpffs directory to read, and the node it belongs to when `--node` named one.
+/// The bpffs directory to read, the node it belongs to when `--node` named one, and the
+/// datastore when `--node` or `--datastore` named one.
 async fn resolve(
     datastore: Option<&str>,
     target: &BpfTarget,
-) -> Result<(PathBuf, Option<NodeRef>)> {
+) -> Result<(PathBuf, Option<NodeRef>, Option<Client>)> {
     let Some(name) = &target.node else {
         let dir = target
             .bpffs_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(margay_bpf::DEFAULT_BPFFS_DIR));
-        return Ok((dir, None));
+        let client = match datastore {
+            Some(_) => Some(super::open_client(datastore).await?),
+            None => None,
+        };
+        return Ok((dir, None, client));
     };
     let client = super::open_client(datastore).await?;
     let node = client.get(&Key::new(Kind::Node, None, name)).await?.value;
@@ -129,7 +145,76 @@ async fn resolve(
             name: name.clone(),
             address: node_address(&node),
         }),
+        Some(client),
     ))
+}
+
+/// Service port names (`ns/name:port/tcp`, as the agent names its backend lists) by frontend
+/// (address, port, IP protocol).
+type ServiceNames = HashMap<(Ipv4Addr, u16, u8), String>;
+
+/// The frontends the datastore's Services make, computed by the agent's own calculation
+/// (`margay_calc::bpf_nat::nat_services`), so a flow is named by the same rules that wrote
+/// its frontend. Endpoints do not change frontends, and NodePorts are matched through their
+/// wildcard frontend, so neither the slices nor the node's addresses are needed.
+async fn service_port_names(client: &Client) -> Result<ServiceNames> {
+    let services: Vec<Service> = client
+        .list(Kind::Service, None)
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|item| serde_json::from_value(item.value).ok())
+        .collect();
+    let lists = margay_calc::bpf_nat::nat_services(
+        &services,
+        &[],
+        &margay_calc::kube_proxy::NodeContext::default(),
+    );
+    let mut names = ServiceNames::new();
+    // Sorted by name, so a port's own list comes before its `+local` variant.
+    for list in lists {
+        for (key, _) in &list.frontends {
+            names
+                .entry((key.addr, key.port, key.proto.number()))
+                .or_insert_with(|| list.name.clone());
+        }
+    }
+    Ok(names)
+}
+
+/// What a flow's frontend tells: the service id in `mg_nat_fe` and the Service's port name.
+struct Frontends<'a> {
+    ids: HashMap<(Ipv4Addr, u16, u8), u32>,
+    names: &'a ServiceNames,
+}
+
+impl<'a> Frontends<'a> {
+    fn new(entries: &[(NatFrontendKey, NatFrontendValue)], names: &'a ServiceNames) -> Self {
+        let ids = entries
+            .iter()
+            .filter(|(k, _)| k.source().is_none())
+            .map(|(k, v)| ((k.addr(), k.port(), k.proto), v.svc_id))
+            .collect();
+        Frontends { ids, names }
+    }
+
+    /// The (service id, Service port name) of `frontend`: its own entry, else the NodePort
+    /// wildcard of its port (how a backend node matches a NodePort flow tunnelled to it).
+    fn service(&self, proto: u8, frontend: (Ipv4Addr, u16)) -> (Option<u32>, Option<&str>) {
+        let exact = (frontend.0, frontend.1, proto);
+        let wildcard = (NODEPORT_ANY, frontend.1, proto);
+        let id = self
+            .ids
+            .get(&exact)
+            .or_else(|| self.ids.get(&wildcard))
+            .copied();
+        let name = self
+            .names
+            .get(&exact)
+            .or_else(|| self.names.get(&wildcard))
+            .map(String::as_str);
+        (id, name)
+    }
 }
 
 /// The node's address as Calico's Node carries it (`spec.addresses` InternalIP, else
@@ -407,7 +492,10 @@ fn type_name(v: &CtValue) -> String {
 type SortKey = (u8, (u32, u16), (u32, u16), u8);
 
 /// One object per entry, client first (sorted by protocol, client, server, type).
-fn conntrack_view(entries: &[(CtKey, CtValue)], now_ns: u64) -> Value {
+/// NAT and tunnel entries also name their frontend's Service (`frontends`) and the port SNAT
+/// port (`psnatPort`: on the forward entry the port the client's packets get, on the reverse
+/// entry the client's own port, which replies get back).
+fn conntrack_view(entries: &[(CtKey, CtValue)], frontends: &Frontends<'_>, now_ns: u64) -> Value {
     let by_key: HashMap<CtKey, &CtValue> = entries.iter().map(|(k, v)| (*k, v)).collect();
     let mut rows: Vec<(SortKey, Value)> = entries
         .iter()
@@ -447,6 +535,17 @@ fn conntrack_view(entries: &[(CtKey, CtValue)], now_ns: u64) -> Value {
                 }
                 _ => Value::Null,
             };
+            // The frontend the client dialled: the forward and tunnel entries' server, the
+            // reverse entry's NAT address.
+            let frontend = match v.kind() {
+                Some(CtType::NatForward | CtType::Tunnel) => Some(server),
+                Some(CtType::NatReverse) => Some(v.nat()),
+                _ => None,
+            };
+            let (frontend_id, service) =
+                frontend.map_or((None, None), |f| frontends.service(k.proto, f));
+            let service_id = (v.svc_id != 0).then_some(v.svc_id).or(frontend_id);
+            let psnat_port = margay_bpf::maps::port_of(v.psnat_port);
             let row = json!({
                 "protocol": proto_name(k.proto),
                 "client": format!("{}:{}", client.0, client.1),
@@ -454,7 +553,9 @@ fn conntrack_view(entries: &[(CtKey, CtValue)], now_ns: u64) -> Value {
                 "type": type_name(v),
                 "nat": nat,
                 "tunnelNode": v.tunnel_node().map(|n| n.to_string()),
-                "serviceId": (v.svc_id != 0).then_some(v.svc_id),
+                "serviceId": service_id,
+                "service": service,
+                "psnatPort": (psnat_port != 0).then_some(psnat_port),
                 "state": flow_state(k.proto, c, s),
                 "tcpClient": (k.proto == 6).then(|| tcp_flags(c)),
                 "tcpServer": (k.proto == 6).then(|| tcp_flags(s)),
@@ -508,8 +609,18 @@ fn conntrack_text(v: &Value) -> String {
                 line.push_str(&format!(" ingress node {n}"));
             }
         }
+        if let Some(p) = r["psnatPort"].as_u64() {
+            if r["type"] == "nat-reverse" {
+                line.push_str(&format!(" psnat client's port {p}"));
+            } else {
+                line.push_str(&format!(" psnat port {p}"));
+            }
+        }
         if let Some(id) = r["serviceId"].as_u64() {
             line.push_str(&format!("  svc {id}"));
+        }
+        if let Some(name) = r["service"].as_str() {
+            line.push_str(&format!(" {name}"));
         }
         line.push_str(&format!("  {}", s(&r["state"])));
         if r["tcpClient"].is_array() {
@@ -716,7 +827,7 @@ affinity  svc 7  client 10.244.3.3 -> 10.244.1.5:8080  age 3.0s
     }
 
     #[test]
-    fn conntrack_dump_shows_client_first_nat_state_and_age_of_the_pair() {
+    fn conntrack_dump_shows_client_first_nat_state_service_psnat_and_age_of_the_pair() {
         let client = (Ipv4Addr::new(203, 0, 113, 10), 40000);
         let frontend = (Ipv4Addr::new(10, 224, 0, 4), 30080);
         let backend = (Ipv4Addr::new(10, 244, 1, 5), 8080);
@@ -761,17 +872,84 @@ affinity  svc 7  client 10.244.3.3 -> 10.244.1.5:8080  age 3.0s
             nat_port: margay_bpf::maps::be_port(frontend.1),
             ..CtValue::default()
         };
-        let view = conntrack_view(&[(rev_key, rev), (fwd_key, fwd)], 5 * NS);
+        // The NodePort is served through its wildcard frontend (service id 4), named by the
+        // datastore's Service.
+        let nat_frontends = [(
+            NatFrontendKey::node_port_any(frontend.1, Protocol::Tcp),
+            NatFrontendValue {
+                svc_id: 4,
+                count: 1,
+                ..NatFrontendValue::default()
+            },
+        )];
+        let names: ServiceNames = [(
+            (NODEPORT_ANY, frontend.1, 6),
+            "shop/web:http/tcp".to_owned(),
+        )]
+        .into();
+        let frontends = Frontends::new(&nat_frontends, &names);
+        let view = conntrack_view(&[(rev_key, rev), (fwd_key, fwd)], &frontends, 5 * NS);
         assert_eq!(
             conntrack_text(&view),
             "\
-TCP 203.0.113.10:40000 -> 10.224.0.4:30080  nat-forward backend 10.244.1.5:8080  svc 4  established (client SYN,ACK server SYN,ACK)  age 4.0s idle 1.0s  external
-TCP 203.0.113.10:40000 -> 10.244.1.5:8080  nat-reverse frontend 10.224.0.4:30080  svc 4  established (client SYN,ACK server SYN,ACK)  age 4.0s idle 1.0s  external
+TCP 203.0.113.10:40000 -> 10.224.0.4:30080  nat-forward backend 10.244.1.5:8080  svc 4 shop/web:http/tcp  established (client SYN,ACK server SYN,ACK)  age 4.0s idle 1.0s  external
+TCP 203.0.113.10:40000 -> 10.244.1.5:8080  nat-reverse frontend 10.224.0.4:30080  svc 4 shop/web:http/tcp  established (client SYN,ACK server SYN,ACK)  age 4.0s idle 1.0s  external
 2 entries
 "
         );
+        assert_eq!(view[0]["service"], "shop/web:http/tcp");
+        assert_eq!(view[0]["psnatPort"], Value::Null);
+
+        // Under port SNAT the pair is keyed by the client's new port on the reverse side; the
+        // forward entry says which port the client's packets get, the reverse entry the
+        // client's own port. With no datastore the service id still comes from the frontend.
+        let psnat = 20017;
+        let (snat_rev_key, snat_rev_client_is_b) =
+            CtKey::new(Protocol::Tcp, (client.0, psnat), backend);
+        let snat_fwd = CtValue {
+            svc_id: 0,
+            peer: snat_rev_key,
+            psnat_port: margay_bpf::maps::be_port(psnat),
+            ..fwd
+        };
+        let snat_rev = CtValue {
+            svc_id: 0,
+            flags: side(snat_rev_client_is_b) | F_EXTERNAL,
+            peer: fwd_key,
+            psnat_port: margay_bpf::maps::be_port(client.1),
+            ..rev
+        };
+        let no_names = ServiceNames::new();
+        let view = conntrack_view(
+            &[(snat_rev_key, snat_rev), (fwd_key, snat_fwd)],
+            &Frontends::new(&nat_frontends, &no_names),
+            5 * NS,
+        );
+        let text = conntrack_text(&view);
+        assert!(
+            text.contains(
+                "TCP 203.0.113.10:40000 -> 10.224.0.4:30080  nat-forward backend 10.244.1.5:8080 psnat port 20017  svc 4  established"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "TCP 203.0.113.10:20017 -> 10.244.1.5:8080  nat-reverse frontend 10.224.0.4:30080 psnat client's port 40000  svc 4  established"
+            ),
+            "{text}"
+        );
+        let forward = view
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["type"] == "nat-forward")
+            .unwrap();
+        assert_eq!(forward["psnatPort"], 20017);
+        assert_eq!(forward["serviceId"], 4);
+        assert_eq!(forward["service"], Value::Null);
+
         // Alone, the forward entry has seen only the client's leg, and says its peer is gone.
-        let alone = conntrack_view(&[(fwd_key, fwd)], 5 * NS);
+        let alone = conntrack_view(&[(fwd_key, fwd)], &frontends, 5 * NS);
         assert_eq!(alone[0]["state"], "syn-sent");
         assert_eq!(alone[0]["peerPresent"], false);
         assert!(conntrack_text(&alone).contains("PEER-MISSING"));
