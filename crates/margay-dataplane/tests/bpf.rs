@@ -20,6 +20,7 @@ use margay_calc::bpf_nat::{NatModel, bpf_nat_model};
 use margay_calc::{NodeContext, Scenario};
 use margay_dataplane::bpf::conntrack::monotonic_now_ns;
 use margay_dataplane::bpf::{BpfNatDriver, Timeouts};
+use margay_testnet::{Netns, wire_pod};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
 // === Harness ===
@@ -935,141 +936,6 @@ fn scale_ten_thousand_services() {
 
 // === Real traffic ===
 
-/// A network namespace of our own (`ip netns add`), deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new() -> Self {
-        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let name = format!(
-            "mgd{}x{}",
-            std::process::id() % 100_000,
-            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
-        sh("ip", &["netns", "add", &name]);
-        let ns = Self { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn ip(&self, args: &[&str]) -> String {
-        let mut a = vec!["-n", self.name.as_str()];
-        a.extend_from_slice(args);
-        sh("ip", &a)
-    }
-
-    fn sysctl(&self, setting: &str) {
-        sh(
-            "ip",
-            &["netns", "exec", &self.name, "sysctl", "-qw", setting],
-        );
-    }
-
-    /// Runs `f` on a thread that entered this namespace (this thread's namespace never
-    /// changes). Sockets created there stay in this namespace wherever they are used.
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        use nix::sched::{CloneFlags, setns};
-        let path = PathBuf::from("/run/netns").join(&self.name);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let fd = std::fs::File::open(&path).expect("open netns");
-                setns(&fd, CloneFlags::CLONE_NEWNET).expect("setns");
-                f()
-            })
-            .join()
-            .expect("thread in netns panicked")
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn mac(link_show: &str) -> String {
-    let mut it = link_show.split_whitespace();
-    while let Some(w) = it.next() {
-        if w == "link/ether" {
-            return it.next().expect("mac").to_owned();
-        }
-    }
-    panic!("no MAC in {link_show}");
-}
-
-/// A node namespace and a pod namespace wired as Calico wires pods: a veth (`eth0` in the pod,
-/// `veth` on the node), a /32 on the pod, a default route via 169.254.1.1 (a static neighbour:
-/// the node's veth), a host route on the node.
-fn wire_pod(node: &Netns, pod: &Netns, veth: &str, ip: &str) {
-    node.ip(&[
-        "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
-    ]);
-    node.ip(&["link", "set", veth, "up"]);
-    pod.ip(&["link", "set", "eth0", "up"]);
-    pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
-    pod.ip(&[
-        "route",
-        "add",
-        "169.254.1.1",
-        "dev",
-        "eth0",
-        "scope",
-        "link",
-    ]);
-    pod.ip(&[
-        "route",
-        "add",
-        "default",
-        "via",
-        "169.254.1.1",
-        "dev",
-        "eth0",
-    ]);
-    let node_mac = mac(&node.ip(&["-o", "link", "show", veth]));
-    let pod_mac = mac(&pod.ip(&["-o", "link", "show", "eth0"]));
-    pod.ip(&[
-        "neigh",
-        "add",
-        "169.254.1.1",
-        "lladdr",
-        &node_mac,
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ]);
-    node.ip(&["route", "add", &format!("{ip}/32"), "dev", veth]);
-    node.ip(&[
-        "neigh",
-        "add",
-        ip,
-        "lladdr",
-        &pod_mac,
-        "dev",
-        veth,
-        "nud",
-        "permanent",
-    ]);
-}
-
 const ECHO: &str = r#"
 node: {name: node-a, ips: [192.168.50.1], clusterCIDRs: [10.64.0.0/12]}
 objects:
@@ -1105,7 +971,11 @@ fn real_traffic_survives_cleanup_and_restart() {
         return;
     }
     let fs = Bpffs::new();
-    let (node_ns, client_ns, backend_ns) = (Netns::new(), Netns::new(), Netns::new());
+    let (node_ns, client_ns, backend_ns) = (
+        Netns::with_prefix("mgd"),
+        Netns::with_prefix("mgd"),
+        Netns::with_prefix("mgd"),
+    );
     node_ns.sysctl("net.ipv4.ip_forward=1");
     node_ns.sysctl("net.ipv4.conf.all.rp_filter=0");
     node_ns.sysctl("net.ipv4.conf.default.rp_filter=0");

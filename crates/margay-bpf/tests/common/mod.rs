@@ -10,29 +10,11 @@
 
 pub mod packet;
 
-use std::{
-    fs::File,
-    path::{Path, PathBuf},
-    process::Command,
-    sync::atomic::{AtomicU32, Ordering},
-};
+use std::path::{Path, PathBuf};
 
-use nix::{
-    mount::{MntFlags, MsFlags, mount, umount2},
-    sched::{CloneFlags, setns},
-};
-
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-/// A name unique on this machine for this process: `<prefix><pid>x<n>` (at most 15 chars for
-/// prefixes up to 4 chars).
-pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}{}x{}",
-        std::process::id() % 100_000,
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    )
-}
+// The namespace guard and the pod wiring are shared with margay-dataplane's packet tests.
+pub use margay_testnet::{Netns, unique, wire_pod};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
 /// True when the test can run. Not root: prints why and returns false, except under CI (`CI`
 /// set), where skipping would hide a broken setup, so it panics.
@@ -46,21 +28,6 @@ pub fn privileged(test: &str) -> bool {
     );
     eprintln!("skipping {test}: needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)");
     false
-}
-
-/// Runs a command, panicking with its output when it fails.
-pub fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 // === impl Bpffs ===
@@ -97,79 +64,6 @@ impl Drop for Bpffs {
     fn drop(&mut self) {
         // Unpinning is implied: the mount's pins go with it (their objects live while in use).
         let _ = umount2(self.dir.path(), MntFlags::MNT_DETACH);
-    }
-}
-
-// === impl Netns ===
-
-/// A network namespace created with `ip netns add`; deleted on drop.
-#[derive(Debug)]
-pub struct Netns {
-    name: String,
-}
-
-impl Netns {
-    pub fn new() -> Self {
-        let name = unique("mgt");
-        sh("ip", &["netns", "add", &name]);
-        let ns = Self { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// `ip -n <ns> ARGS`.
-    pub fn ip(&self, args: &[&str]) -> String {
-        let mut a = vec!["-n", self.name.as_str()];
-        a.extend_from_slice(args);
-        sh("ip", &a)
-    }
-
-    /// `ip netns exec <ns> CMD ARGS`.
-    pub fn exec(&self, cmd: &str, args: &[&str]) -> String {
-        let mut a = vec!["netns", "exec", self.name.as_str(), cmd];
-        a.extend_from_slice(args);
-        sh("ip", &a)
-    }
-
-    /// The index of interface `dev` in this namespace.
-    pub fn ifindex(&self, dev: &str) -> u32 {
-        let out = self.ip(&["-o", "link", "show", dev]);
-        out.split(':')
-            .next()
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no ifindex in {out}"))
-    }
-
-    /// The MAC address of interface `dev` in this namespace, as `aa:bb:..`.
-    pub fn mac(&self, dev: &str) -> String {
-        mac(&self.ip(&["-o", "link", "show", dev]))
-    }
-
-    /// Runs `f` on a new thread that has entered this namespace (the calling thread's
-    /// namespace is never changed).
-    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = PathBuf::from("/run/netns").join(&self.name);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let fd = File::open(&path).expect("open netns");
-                setns(&fd, CloneFlags::CLONE_NEWNET).expect("setns");
-                f()
-            })
-            .join()
-            .expect("thread in netns panicked")
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 
@@ -297,78 +191,4 @@ impl Topology {
     fn wire(&self, pod: &Netns, veth: &str, ip: &str) {
         wire_pod(&self.node, pod, veth, ip);
     }
-}
-
-/// Wires `pod` to `node` as Calico does: a veth (`eth0` in the pod, `veth` on the node), a /32
-/// on the pod, a default route via 169.254.1.1 (static neighbour: the node's veth), a host route
-/// and a static neighbour on the node.
-pub fn wire_pod(node: &Netns, pod: &Netns, veth: &str, ip: &str) {
-    node.ip(&[
-        "link",
-        "add",
-        veth,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        pod.name(),
-    ]);
-    node.ip(&["link", "set", veth, "up"]);
-    pod.ip(&["link", "set", "eth0", "up"]);
-    pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
-    pod.ip(&[
-        "route",
-        "add",
-        "169.254.1.1",
-        "dev",
-        "eth0",
-        "scope",
-        "link",
-    ]);
-    pod.ip(&[
-        "route",
-        "add",
-        "default",
-        "via",
-        "169.254.1.1",
-        "dev",
-        "eth0",
-    ]);
-    let node_mac = mac(&node.ip(&["-o", "link", "show", veth]));
-    let pod_mac = mac(&pod.ip(&["-o", "link", "show", "eth0"]));
-    pod.ip(&[
-        "neigh",
-        "add",
-        "169.254.1.1",
-        "lladdr",
-        &node_mac,
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ]);
-    node.ip(&["route", "add", &format!("{ip}/32"), "dev", veth]);
-    node.ip(&[
-        "neigh",
-        "add",
-        ip,
-        "lladdr",
-        &pod_mac,
-        "dev",
-        veth,
-        "nud",
-        "permanent",
-    ]);
-}
-
-fn mac(link_show: &str) -> String {
-    let mut it = link_show.split_whitespace();
-    while let Some(w) = it.next() {
-        if w == "link/ether" {
-            return it.next().expect("mac").to_owned();
-        }
-    }
-    panic!("no MAC in {link_show}");
 }
