@@ -192,6 +192,12 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     /// One line saying which store this is (`sqlite:///var/lib/margay/margay.db`).
     fn describe(&self) -> String;
 
+    /// The most operations one [`Datastore::commit`] may carry, when the store bounds it (etcd's
+    /// `--max-txn-ops`); bulk writers split their input below it.
+    fn max_commit_ops(&self) -> Option<usize> {
+        None
+    }
+
     /// Reads one object.
     async fn get(&self, key: &Key) -> Result<Stored, Error>;
 

@@ -144,8 +144,9 @@ impl Client {
     /// against a fresh read; objects a batch needs (its namespaces, addresses allocated by
     /// earlier batches) are seen because earlier batches are committed. A concurrent writer or a
     /// store failure part-way leaves the earlier batches written, and the error says how many
-    /// objects were. Choose `batch_size` for the backend: etcd refuses commits of more than its
-    /// `--max-txn-ops` (128 by default) operations, SQLite takes thousands at once.
+    /// objects were. Batches are lowered to what the store takes in one commit
+    /// ([`Client::commit_batch`]: etcd refuses commits of more than its `--max-txn-ops`, 128 by
+    /// default); SQLite takes thousands at once.
     pub async fn write_in_batches(
         &self,
         manifests: Vec<Value>,
@@ -162,7 +163,7 @@ impl Client {
         // The dry run: everything the batches will check, on the whole input, before any write.
         self.plan(&prepared, mode).await?;
         let mut written = 0;
-        for batch in prepared.chunks(batch_size) {
+        for batch in prepared.chunks(self.commit_batch(batch_size)) {
             match self.write_prepared(batch, mode).await {
                 Ok(stored) => written += stored.len(),
                 Err(e) if written > 0 => {
@@ -175,6 +176,18 @@ impl Client {
             }
         }
         Ok(written)
+    }
+
+    /// How many objects one commit of a bulk write may carry: `wanted`, lowered below the
+    /// store's limit on operations per commit (etcd's `--max-txn-ops`, 128 by default), leaving
+    /// room for the operations a commit adds to its objects (the address registry's lock, a
+    /// linked FelixConfiguration).
+    pub fn commit_batch(&self, wanted: usize) -> usize {
+        const ADDED_OPS: usize = 8;
+        match self.store.max_commit_ops() {
+            Some(limit) => wanted.min(limit.saturating_sub(ADDED_OPS)).max(1),
+            None => wanted.max(1),
+        }
     }
 
     /// One atomic commit of already validated objects, re-planned when another writer wins.

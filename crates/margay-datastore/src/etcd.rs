@@ -483,8 +483,18 @@ impl Planned {
     }
 }
 
+/// etcd's default `--max-txn-ops`.
+pub const ETCD_MAX_TXN_OPS: usize = 128;
+
 #[async_trait::async_trait]
 impl Datastore for EtcdDatastore {
+    /// etcd's default `--max-txn-ops`: a transaction with more compares or more writes is
+    /// refused (each of our operations is one compare and at most one write). A cluster started
+    /// with a higher limit still works with this one, only with more commits.
+    fn max_commit_ops(&self) -> Option<usize> {
+        Some(ETCD_MAX_TXN_OPS)
+    }
+
     fn describe(&self) -> String {
         self.options.describe()
     }

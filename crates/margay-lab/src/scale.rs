@@ -18,7 +18,8 @@ use serde_json::{Value, json};
 use crate::Lab;
 use crate::controller::agents;
 
-/// Objects per commit: SQLite takes this many in one transaction in well under a second.
+/// Objects per commit: SQLite takes this many in one transaction in well under a second; etcd
+/// gets smaller commits ([`Client::commit_batch`]).
 pub const BATCH: usize = 5_000;
 
 /// What to create: `count` Services `<prefix>-<i>` in `namespace`, port `port` to
@@ -96,7 +97,7 @@ impl ServiceSet {
                     .map(|s| (s.key, None)),
             );
         }
-        for batch in keys.chunks(BATCH) {
+        for batch in keys.chunks(client.commit_batch(BATCH)) {
             client.delete(batch.to_vec(), true).await?;
         }
         client
