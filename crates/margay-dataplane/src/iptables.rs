@@ -136,6 +136,72 @@ impl SystemIptables {
             wait_seconds: 5,
         }
     }
+
+    /// The tools of one backend (`iptables-legacy-save`, `iptables-nft-restore`...), whatever
+    /// the system's `iptables` points at.
+    pub fn for_mode(mode: IptablesMode) -> Self {
+        SystemIptables {
+            save_program: find_program(&format!("iptables-{mode}-save")),
+            restore_program: find_program(&format!("iptables-{mode}-restore")),
+            wait_seconds: 5,
+        }
+    }
+}
+
+/// The two implementations behind the `iptables` tools: the kernel's x_tables (`legacy`) and
+/// nf_tables through the compatibility layer (`nft`). They keep separate tables, so rules written
+/// with one are invisible to the other's save; Calico's `iptablesBackend` chooses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IptablesMode {
+    Legacy,
+    Nft,
+}
+
+impl IptablesMode {
+    /// The word the tools use (`iptables-legacy-save`, `iptables v1.8.9 (legacy)`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IptablesMode::Legacy => "legacy",
+            IptablesMode::Nft => "nft",
+        }
+    }
+
+    /// What `iptables --version` says the system's default tools are (`(nf_tables)` or
+    /// `(legacy)`); `None` when it cannot be run or says neither.
+    pub fn system_default() -> Option<IptablesMode> {
+        let text = run(&find_program("iptables"), &["--version"], None).ok()?;
+        if text.contains("nf_tables") {
+            Some(IptablesMode::Nft)
+        } else if text.contains("legacy") {
+            Some(IptablesMode::Legacy)
+        } else {
+            None
+        }
+    }
+
+    /// Calico's `iptablesBackend: Auto` for the calling thread's network namespace: the backend
+    /// that already holds rules (more `-A` lines in its save output: kube-proxy's, a previous
+    /// agent's), else the system's default tools, else nft. Like Felix and Kubernetes'
+    /// iptables-wrappers, whose point is to join whichever backend the node already uses.
+    pub fn detect() -> IptablesMode {
+        let rules = |mode: IptablesMode| {
+            SystemIptables::for_mode(mode).save().map_or(0, |text| {
+                text.lines().filter(|l| l.starts_with("-A ")).count()
+            })
+        };
+        let (legacy, nft) = (rules(IptablesMode::Legacy), rules(IptablesMode::Nft));
+        match legacy.cmp(&nft) {
+            std::cmp::Ordering::Greater => IptablesMode::Legacy,
+            std::cmp::Ordering::Less => IptablesMode::Nft,
+            std::cmp::Ordering::Equal => Self::system_default().unwrap_or(IptablesMode::Nft),
+        }
+    }
+}
+
+impl fmt::Display for IptablesMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 fn find_program(name: &str) -> PathBuf {

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use futures::StreamExt;
+use margay_api::calico::felix::IptablesBackend;
 use margay_api::operator::LinuxDataplane;
 use margay_datastore::{Client, SyncStatus, SyncUpdate};
 use serde_json::json;
@@ -415,6 +416,12 @@ impl Agent {
         // In BPF mode kube-proxy's Service rules go (bpfKubeProxyIptablesCleanupEnabled, the
         // default) or stay untouched but unused; natOutgoing stays either way.
         let cleanup = felix.bpf_kube_proxy_iptables_cleanup_enabled != Some(false);
+        if let Err(e) = self
+            .proxy
+            .set_backend(felix.iptables_backend.unwrap_or(IptablesBackend::Auto))
+        {
+            errors.push(format!("iptables: {e:#}"));
+        }
         let proxy = if active == LinuxDataplane::Bpf && cleanup {
             self.proxy
                 .sync_nat_outgoing_only(&node, &services, &slices, &pools)

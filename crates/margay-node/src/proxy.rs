@@ -10,8 +10,9 @@ use anyhow::Result;
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use margay_api::calico::felix::IptablesBackend;
 use margay_calc::{NodeContext, kube_proxy_ruleset};
-use margay_dataplane::iptables::IptablesDriver;
+use margay_dataplane::iptables::{IptablesDriver, IptablesMode, SystemIptables};
 
 use crate::agent::ProxySummary;
 use crate::health::ServiceHealth;
@@ -20,13 +21,45 @@ use crate::health::ServiceHealth;
 #[derive(Debug)]
 pub struct ProxyDataplane {
     driver: IptablesDriver,
+    /// The backend `driver` writes to, once `iptablesBackend` was resolved.
+    mode: Option<IptablesMode>,
 }
 
 impl ProxyDataplane {
     pub fn new() -> ProxyDataplane {
         ProxyDataplane {
             driver: IptablesDriver::new(),
+            mode: None,
         }
+    }
+
+    /// Follows FelixConfiguration `iptablesBackend`: resolves it (`Auto` once, to the backend that
+    /// holds rules, see [`IptablesMode::detect`]) and, when it names another backend than the one
+    /// in use (also at the agent's start), removes this dataplane's chains from the other one, so
+    /// the node never has Service rules in both (each would NAT a flow its own way).
+    pub fn set_backend(&mut self, wanted: IptablesBackend) -> Result<IptablesMode> {
+        let mode = match (wanted, self.mode) {
+            (IptablesBackend::Legacy, _) => IptablesMode::Legacy,
+            (IptablesBackend::Nft, _) => IptablesMode::Nft,
+            (IptablesBackend::Auto, Some(current)) => current,
+            (IptablesBackend::Auto, None) => tokio::task::block_in_place(IptablesMode::detect),
+        };
+        if self.mode != Some(mode) {
+            let other = match mode {
+                IptablesMode::Legacy => IptablesMode::Nft,
+                IptablesMode::Nft => IptablesMode::Legacy,
+            };
+            let mut old = IptablesDriver::with_backend(SystemIptables::for_mode(other));
+            tokio::task::block_in_place(|| old.cleanup()).map_err(|e| {
+                anyhow::anyhow!(
+                    "iptablesBackend {wanted}: cannot remove the rules from iptables-{other}: {e}"
+                )
+            })?;
+            tracing::info!(%wanted, backend = %mode, "iptables backend in use");
+            self.driver = IptablesDriver::with_backend(SystemIptables::for_mode(mode));
+            self.mode = Some(mode);
+        }
+        Ok(mode)
     }
 
     /// Computes the rules for the current Services and Endpoints and applies the difference.

@@ -44,6 +44,11 @@ string_enum!(
     RedirectToPeer { Enabled = "Enabled", Disabled = "Disabled", L2Only = "L2Only" }
 );
 string_enum!(
+    /// `iptablesBackend`: which iptables the standard dataplane programs. `Auto` picks the one
+    /// that already holds rules in the node's network namespace, else the system's `iptables`.
+    IptablesBackend { Legacy = "Legacy", Nft = "NFT", Auto = "Auto" }
+);
+string_enum!(
     /// `logSeverityScreen`.
     LogSeverity {
         Trace = "Trace",
@@ -190,6 +195,8 @@ felix_spec! {
     "wireguardMTU" wireguard_mtu: Mtu,
     "wireguardKeepAlive" wireguard_keep_alive: GoDuration,
     "wireguardRoutingRulePriority" wireguard_routing_rule_priority: RulePriority,
+    /// Which iptables backend kube-proxy's rules go to (Legacy, NFT, Auto).
+    "iptablesBackend" iptables_backend: IptablesBackend,
     "logSeverityScreen" log_severity_screen: LogSeverity,
     "reportingInterval" reporting_interval: GoDuration,
     "floatingIPs" floating_ips: EnabledDisabled,
@@ -249,6 +256,7 @@ impl FelixConfigurationSpec {
             "wireguardMTU": 0,
             "wireguardKeepAlive": "0s",
             "wireguardRoutingRulePriority": 99,
+            "iptablesBackend": "Auto",
             "logSeverityScreen": "Info",
             "reportingInterval": "0s",
             "floatingIPs": "Disabled",
@@ -364,7 +372,27 @@ mod tests {
             d.wireguard_interface_name.as_deref(),
             Some("wireguard.cali")
         );
+        assert_eq!(d.iptables_backend, Some(IptablesBackend::Auto));
         assert!(d.validate().is_ok());
+    }
+
+    #[test]
+    fn iptables_backend_takes_calicos_values_and_refuses_others() {
+        let spec: FelixConfigurationSpec =
+            serde_json::from_value(serde_json::json!({"iptablesBackend": "NFT"})).unwrap();
+        assert_eq!(spec.iptables_backend, Some(IptablesBackend::Nft));
+        assert_eq!(
+            serde_json::to_value(&spec).unwrap()["iptablesBackend"],
+            "NFT"
+        );
+        let err = serde_json::from_value::<FelixConfigurationSpec>(
+            serde_json::json!({"iptablesBackend": "nftables"}),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("is not one of Legacy, NFT, Auto"),
+            "{err}"
+        );
     }
 
     #[test]
