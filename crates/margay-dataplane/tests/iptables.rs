@@ -757,3 +757,41 @@ fn sync_timings_at_scale() {
     );
     assert_no_drift(&ns, &mut driver, &after, "after the partial sync");
 }
+
+/// FelixConfiguration `iptablesBackend`: a driver on `SystemIptables::for_mode` writes to that
+/// backend only (the two keep separate tables), `IptablesMode::detect` (Auto) then joins the
+/// backend holding the rules, and cleanup empties it again.
+#[test]
+fn each_backend_keeps_its_own_tables_and_auto_joins_the_one_with_rules() {
+    use margay_dataplane::iptables::{IptablesMode, SystemIptables};
+    if !privileged("each_backend_keeps_its_own_tables_and_auto_joins_the_one_with_rules") {
+        return;
+    }
+    let ns = Netns::new();
+    let nothing_yet = ns.run(IptablesMode::detect);
+    assert_eq!(
+        nothing_yet,
+        IptablesMode::system_default().unwrap_or(IptablesMode::Nft),
+        "with no rules anywhere, Auto is the system's iptables"
+    );
+    let mut rs = Ruleset::default();
+    rs.add_nat_outgoing(&[("10.244.0.0/16".parse().unwrap(), true)]);
+    for (mode, other) in [
+        (IptablesMode::Legacy, IptablesMode::Nft),
+        (IptablesMode::Nft, IptablesMode::Legacy),
+    ] {
+        let mut driver = IptablesDriver::with_backend(SystemIptables::for_mode(mode));
+        let report = ns.run(|| driver.sync(&rs)).expect("sync");
+        assert!(report.full);
+        let save = |m: IptablesMode| ns.exec(&format!("iptables-{m}-save"), &[]);
+        assert!(
+            save(mode).contains("-j cali-nat-outgoing"),
+            "{mode}: {}",
+            save(mode)
+        );
+        assert!(!save(other).contains("cali-nat-outgoing"), "{other}");
+        assert_eq!(ns.run(IptablesMode::detect), mode, "Auto joins {mode}");
+        ns.run(|| driver.cleanup()).expect("cleanup");
+        assert!(!save(mode).contains("cali-nat-outgoing"), "{mode} cleaned up");
+    }
+}
