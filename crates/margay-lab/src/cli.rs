@@ -105,6 +105,11 @@ pub struct BenchArgs {
     /// Leave the lab up at the end.
     #[arg(long)]
     pub keep: bool,
+    /// FelixConfiguration `iptablesBackend` for the run (Legacy, NFT, Auto). Legacy by default:
+    /// iptables-nft-restore 1.8.9 takes minutes per restore beyond a few thousand Services
+    /// (docs/design/bench.md).
+    #[arg(long, default_value = "Legacy", value_name = "Legacy|NFT|Auto")]
+    pub iptables_backend: margay_api::calico::felix::IptablesBackend,
 }
 
 #[derive(Debug, Args)]

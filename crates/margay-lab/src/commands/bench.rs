@@ -108,7 +108,15 @@ spec:
 #[derive(Clone, Debug)]
 struct Plan {
     services: Vec<usize>,
+    /// Each kept-alive load.
     load_time: Duration,
+    /// Short-connection loads run in this many rounds of `short_round` per path, the paths
+    /// interleaved (see `short_loads`).
+    short_rounds: usize,
+    short_round: Duration,
+    /// How long the agents may take to program a bulk load before the cell is recorded as not
+    /// programmed (and the run goes on).
+    program_limit: Duration,
     connections: u64,
     endpoint_changes: usize,
     switch_time: Duration,
@@ -121,6 +129,9 @@ impl Plan {
             Plan {
                 services: vec![1, 1000],
                 load_time: Duration::from_secs(1),
+                short_rounds: 3,
+                short_round: Duration::from_millis(400),
+                program_limit: Duration::from_secs(300),
                 connections: 4,
                 endpoint_changes: 3,
                 switch_time: Duration::from_secs(12),
@@ -130,6 +141,9 @@ impl Plan {
             Plan {
                 services: vec![1, 1000, 10_000, 50_000],
                 load_time: Duration::from_secs(3),
+                short_rounds: 5,
+                short_round: Duration::from_secs(1),
+                program_limit: Duration::from_secs(600),
                 connections: 4,
                 endpoint_changes: 10,
                 switch_time: Duration::from_secs(30),
@@ -238,6 +252,7 @@ pub fn run(name: &str, args: &BenchArgs) -> Result<ExitCode> {
     };
     let rt = super::runtime()?;
     let cluster = rt.block_on(Cluster::open(name))?;
+    set_iptables_backend(&rt, &cluster, args.iptables_backend)?;
     let manifests = margayctl::input::parse_documents(WORKLOADS)?;
     rt.block_on(cluster.apply(manifests, NS))?;
     let nodes = cluster.node_names()?;
@@ -307,8 +322,12 @@ pub fn run(name: &str, args: &BenchArgs) -> Result<ExitCode> {
         "quick": args.quick,
         "machine": machine(&load_before),
         "plan": {
+            "iptables_backend": args.iptables_backend.as_str(),
             "services": plan.services,
             "load_seconds": plan.load_time.as_secs_f64(),
+            "short_rounds": plan.short_rounds,
+            "short_round_seconds": plan.short_round.as_secs_f64(),
+            "program_limit_seconds": plan.program_limit.as_secs_f64(),
             "connections": plan.connections,
             "endpoint_changes": plan.endpoint_changes,
             "switch_seconds": plan.switch_time.as_secs_f64(),
@@ -334,14 +353,16 @@ impl Bench {
     /// TIME_WAIT (60 s): with the default 28,232 ephemeral ports and no TIME_WAIT reuse, connect()
     /// then spends milliseconds searching for a free port and the figures measure that instead
     /// of the dataplane. So the two load-generating namespaces (the client pod, the external
-    /// client; both the lab's own) get the full port range and `tcp_tw_reuse`, as load-testing
-    /// clients are set up.
+    /// client; both the lab's own) get more ports and `tcp_tw_reuse` (a port in TIME_WAIT is
+    /// reused after a second, timestamps keeping the flows apart), as load-testing clients are
+    /// set up.
     fn tune_clients(&self) -> Result<()> {
         let sysctls = [
             "sysctl",
             "-q",
             "-w",
-            "net.ipv4.ip_local_port_range=1024 65535",
+            // Above bpfPSNATPorts (20000:29999), which nodes use as client ports.
+            "net.ipv4.ip_local_port_range=32768 65535",
             "net.ipv4.tcp_tw_reuse=1",
         ];
         for from in [From::Pod, From::External] {
@@ -451,8 +472,15 @@ impl Bench {
         let write_started = Instant::now();
         let revision = self.rt.block_on(set.create(&self.cluster.client))?;
         let written = Instant::now();
-        let programmed =
-            wait_until_programmed(&self.cluster.lab, &self.nodes, revision, PROGRAM_TIMEOUT)?;
+        let programmed = match wait_until_programmed(
+            &self.cluster.lab,
+            &self.nodes,
+            revision,
+            self.plan.program_limit,
+        ) {
+            Ok(at) => at,
+            Err(e) => return self.programming_timed_out(n, mode, written - write_started, &e),
+        };
         // The last Service added answers (a check, not a figure).
         let last = self
             .rt
@@ -472,26 +500,22 @@ impl Bench {
         let t = self.plan.load_time;
         let pod = format!("{}:{SERVER_PORT}", self.srv_a);
         let svc = format!("{}:80", self.direct);
-        let mut loads = serde_json::Map::new();
-        for (key, target, lmode, from) in [
-            ("pod_ip_short", pod.as_str(), "short", From::Pod),
-            ("cluster_ip_short", svc.as_str(), "short", From::Pod),
-            ("pod_ip_keepalive", pod.as_str(), "keepalive", From::Pod),
-            ("cluster_ip_keepalive", svc.as_str(), "keepalive", From::Pod),
-            (
-                "nodeport_short",
-                &format!("{NODE_1_IP}:{NODE_PORT}"),
-                "short",
-                From::External,
-            ),
-            (
-                "lb_short",
-                &format!("{}:80", self.lb),
-                "short",
-                From::External,
-            ),
+        let node_port = format!("{NODE_1_IP}:{NODE_PORT}");
+        let lb = format!("{}:80", self.lb);
+        let mut loads = self.short_loads(&[
+            ("pod_ip_short", pod.as_str(), From::Pod),
+            ("cluster_ip_short", svc.as_str(), From::Pod),
+            ("nodeport_short", node_port.as_str(), From::External),
+            ("lb_short", lb.as_str(), From::External),
+        ])?;
+        for (key, target) in [
+            ("pod_ip_keepalive", pod.as_str()),
+            ("cluster_ip_keepalive", svc.as_str()),
         ] {
-            loads.insert(key.to_owned(), self.load(from, target, lmode, t)?);
+            loads.insert(
+                key.to_owned(),
+                self.load(From::Pod, target, "keepalive", t)?,
+            );
         }
         let changes = self.endpoint_changes()?;
         let memory = self.memory()?;
@@ -508,6 +532,81 @@ impl Bench {
             "endpoint_change_ms": changes,
             "memory": memory,
         }))
+    }
+
+    /// The cell of a bulk load the agents did not program within `program_limit`: recorded as
+    /// such (no traffic figures, since the dataplane is not the one to measure), with how far
+    /// each agent got, then the Services are removed and the run goes on.
+    fn programming_timed_out(
+        &self,
+        n: usize,
+        mode: &str,
+        write: Duration,
+        error: &anyhow::Error,
+    ) -> Result<Value> {
+        eprintln!("bench: {n} Services, {mode}: {error:#}; recorded as not programmed");
+        let progress: serde_json::Map<String, Value> = self
+            .nodes
+            .iter()
+            .map(|node| {
+                let status = agents::read_status(&self.cluster.lab, node).unwrap_or(Value::Null);
+                (
+                    node.clone(),
+                    json!({"syncedRevision": status["syncedRevision"],
+                           "services": status["services"],
+                           "lastSyncDurationMs": status["lastSyncDurationMs"],
+                           "lastError": status["lastError"]}),
+                )
+            })
+            .collect();
+        let memory = self.memory()?;
+        let deleted = self
+            .rt
+            .block_on(ServiceSet::delete_all(&self.cluster.client, BULK_NS))?;
+        wait_until_programmed(&self.cluster.lab, &self.nodes, deleted, PROGRAM_TIMEOUT)?;
+        Ok(json!({
+            "services": n,
+            "mode": mode,
+            "write_s": write.as_secs_f64(),
+            "programming_s": null,
+            "programming_timeout_s": self.plan.program_limit.as_secs_f64(),
+            "agents_at_timeout": progress,
+            "load": {},
+            "endpoint_change_ms": [],
+            "memory": memory,
+        }))
+    }
+
+    /// Short-connection loads to every path, in rounds: each round runs each path for
+    /// `short_round`, the order reversed every other round (A B C D, D C B A, ...), after a
+    /// discarded warm-up of each path. A path's figures are the medians over its rounds (rate,
+    /// p50, p99), its counts the sums, and `round_rates` keeps every round's rate. Why: on a
+    /// shared 2-CPU machine a path measured once, in one block, takes whatever the machine was
+    /// doing during those seconds (another developer's build, the agents' sync after a bulk
+    /// write, TIME_WAIT left by the previous load), and the pod-IP rate, which does not depend
+    /// on the dataplane, differed up to 8x between cells of one run; interleaved, every path
+    /// sees the same disturbances, and the median drops a disturbed round.
+    fn short_loads(&self, paths: &[(&str, &str, From)]) -> Result<serde_json::Map<String, Value>> {
+        for &(_, target, from) in paths {
+            self.load(from, target, "short", Duration::from_millis(150))?;
+        }
+        let mut rounds: Vec<Vec<Value>> = vec![Vec::new(); paths.len()];
+        for round in 0..self.plan.short_rounds {
+            let order: Vec<usize> = if round % 2 == 0 {
+                (0..paths.len()).collect()
+            } else {
+                (0..paths.len()).rev().collect()
+            };
+            for i in order {
+                let (_, target, from) = paths[i];
+                rounds[i].push(self.load(from, target, "short", self.plan.short_round)?);
+            }
+        }
+        Ok(paths
+            .iter()
+            .zip(rounds)
+            .map(|(&(key, _, _), r)| (key.to_owned(), report::combine_rounds(&r)))
+            .collect())
     }
 
     /// Moves Service `flip` between srv-a and srv-b `endpoint_changes` times while a client in
@@ -646,6 +745,31 @@ impl Bench {
             "to_iptables_s": to_iptables.as_secs_f64(),
         }))
     }
+}
+
+/// FelixConfiguration `default`'s `iptablesBackend`, as a user sets it (a merge patch of the
+/// object, or the object when the lab has none yet).
+fn set_iptables_backend(
+    rt: &tokio::runtime::Runtime,
+    cluster: &Cluster,
+    backend: margay_api::calico::felix::IptablesBackend,
+) -> Result<()> {
+    let key = Key::new(Kind::FelixConfiguration, None, "default");
+    let spec = json!({"iptablesBackend": backend.as_str()});
+    let patch = json!({ "spec": spec }).to_string();
+    if rt
+        .block_on(cluster.client.patch(&key, &patch, PatchType::Merge))
+        .is_ok()
+    {
+        return Ok(());
+    }
+    let object = json!({
+        "apiVersion": "projectcalico.org/v3", "kind": "FelixConfiguration",
+        "metadata": {"name": "default"}, "spec": spec
+    });
+    rt.block_on(cluster.client.write(vec![object], NS, WriteMode::Create))
+        .context("cannot set FelixConfiguration default's iptablesBackend")?;
+    Ok(())
 }
 
 /// The kernel's `memlock` of every distinct BPF map a process holds a descriptor of.

@@ -63,6 +63,13 @@ fn row<'a>(results: &'a Value, n: u64, mode: &str) -> Option<&'a Value> {
         .find(|r| r["services"].as_u64() == Some(n) && r["mode"] == mode)
 }
 
+/// The row's "not programmed within the limit" note, for a cell the agents did not finish.
+fn not_programmed(r: &Value) -> Option<String> {
+    r["programming_timeout_s"]
+        .as_f64()
+        .map(|limit| format!("not programmed within {limit:.0} s (timeout; no traffic measured)"))
+}
+
 fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
 }
@@ -72,6 +79,50 @@ fn failures(load: &Value) -> u64 {
         .as_object()
         .map(|m| m.values().filter_map(Value::as_u64).sum())
         .unwrap_or(0)
+}
+
+/// One path's figures from its rounds (the load generator's reports): rate, p50, p90 and p99 are
+/// the medians over the rounds, requests, seconds and failures (by kind) and answers per backend
+/// the sums, max the maximum; `round_rates` lists each round's rate and `rate_spread` is
+/// (max - min) / median of those.
+pub fn combine_rounds(rounds: &[Value]) -> Value {
+    let median = |field: &str| {
+        let v: Vec<f64> = rounds.iter().filter_map(|r| r[field].as_f64()).collect();
+        percentile(&v, 0.5)
+    };
+    let sum = |field: &str| rounds.iter().filter_map(|r| r[field].as_f64()).sum::<f64>();
+    let mut failures = serde_json::Map::new();
+    let mut backends = serde_json::Map::new();
+    for r in rounds {
+        for (into, field) in [(&mut failures, "failures"), (&mut backends, "backends")] {
+            for (k, v) in r[field].as_object().into_iter().flatten() {
+                let total =
+                    into.get(k).and_then(Value::as_u64).unwrap_or(0) + v.as_u64().unwrap_or(0);
+                into.insert(k.clone(), json!(total));
+            }
+        }
+    }
+    let rates: Vec<f64> = rounds.iter().filter_map(|r| r["rate"].as_f64()).collect();
+    let spread = (rates.iter().copied().fold(f64::NAN, f64::max)
+        - rates.iter().copied().fold(f64::NAN, f64::min))
+        / percentile(&rates, 0.5);
+    json!({
+        "mode": rounds.first().map_or(Value::Null, |r| r["mode"].clone()),
+        "target": rounds.first().map_or(Value::Null, |r| r["target"].clone()),
+        "connections": rounds.first().map_or(Value::Null, |r| r["connections"].clone()),
+        "rounds": rounds.len(),
+        "seconds": sum("seconds"),
+        "requests": sum("requests") as u64,
+        "failures": failures,
+        "rate": median("rate"),
+        "round_rates": rates,
+        "rate_spread": if spread.is_finite() { json!(spread) } else { Value::Null },
+        "p50_us": median("p50_us"),
+        "p90_us": median("p90_us"),
+        "p99_us": median("p99_us"),
+        "max_us": rounds.iter().filter_map(|r| r["max_us"].as_f64()).fold(0.0, f64::max),
+        "backends": backends,
+    })
 }
 
 /// Nearest-rank percentile of a small sample.
@@ -107,8 +158,10 @@ pub fn markdown(results: &Value) -> String {
         md,
         "Run of {} ({}), {} CPUs ({}), kernel {}, {} build; load average {} before, {} after \
          (other developers' builds and tests share the machine: figures are noisy). \
-         {} s per load, {} connections; backend srv-a on node-2, the client pod on node-1, \
-         the external client through node-1.\n",
+         Short connections: {} rounds of {} s per path, the paths interleaved, medians of the \
+         rounds; kept-alive requests: {} s per load; {} connections; iptables backend {}; \
+         backend srv-a on node-2, the client pod on node-1, the external client through \
+         node-1.\n",
         results["date"].as_str().unwrap_or("?"),
         if results["quick"] == true {
             "margay-lab bench --quick"
@@ -121,14 +174,26 @@ pub fn markdown(results: &Value) -> String {
         m["build"].as_str().unwrap_or("?"),
         m["loadavg_before"].as_str().unwrap_or("?"),
         m["loadavg_after"].as_str().unwrap_or("?"),
+        results["plan"]["short_rounds"],
+        results["plan"]["short_round_seconds"],
         results["plan"]["load_seconds"],
         results["plan"]["connections"],
+        results["plan"]["iptables_backend"].as_str().unwrap_or("?"),
     );
     md.push_str("### Pod -> pod on another node: by pod IP and through a ClusterIP\n\n");
     md.push_str(
         "| Services | dataplane | short: pod IP /s | short: ClusterIP /s | ratio | ClusterIP p50 / p99 us | kept-alive: pod IP /s | ClusterIP /s | ratio | ClusterIP p50 / p99 us | failures |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows(results) {
+        if let Some(note) = not_programmed(r) {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {note} | | | | | | | | |",
+                r["services"],
+                r["mode"].as_str().unwrap_or("?")
+            );
+            continue;
+        }
         let l = &r["load"];
         let (ps, cs, pk, ck) = (
             &l["pod_ip_short"],
@@ -157,6 +222,15 @@ pub fn markdown(results: &Value) -> String {
     md.push_str("\n### External client (203.0.113.10) -> node-1 -> backend on node-2, short connections\n\n");
     md.push_str("| Services | dataplane | NodePort /s | p50 / p99 us | LoadBalancer IP /s | p50 / p99 us | failures |\n|---:|---|---:|---:|---:|---:|---:|\n");
     for r in rows(results) {
+        if let Some(note) = not_programmed(r) {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {note} | | | | |",
+                r["services"],
+                r["mode"].as_str().unwrap_or("?")
+            );
+            continue;
+        }
         let (np, lb) = (&r["load"]["nodeport_short"], &r["load"]["lb_short"]);
         let _ = writeln!(
             md,
@@ -187,11 +261,14 @@ pub fn markdown(results: &Value) -> String {
             .unwrap_or_default();
         let _ = writeln!(
             md,
-            "| {} | {} | {:.2} | {:.2} | {:.1} / {:.1} / {:.1} ({}) | {} | {} |",
+            "| {} | {} | {:.2} | {} | {:.1} / {:.1} / {:.1} ({}) | {} | {} |",
             r["services"],
             r["mode"].as_str().unwrap_or("?"),
             f(&r["write_s"]),
-            f(&r["programming_s"]),
+            match r["programming_timeout_s"].as_f64() {
+                Some(limit) => format!("> {limit:.0} (timeout)"),
+                None => format!("{:.2}", f(&r["programming_s"])),
+            },
             percentile(&c, 0.5),
             percentile(&c, 0.99),
             percentile(&c, 1.0),
@@ -487,6 +564,30 @@ A: client SYN -> NodePort, encapsulated to B                       900        95
                 .unwrap()
                 .starts_with("tunnel: A: client SYN")
         );
+    }
+
+    #[test]
+    fn rounds_combine_into_medians_and_sums() {
+        let round = |rate: f64, p99: f64, ok: u64, refused: u64| {
+            json!({"mode": "short", "target": "10.0.0.1:80", "connections": 4, "seconds": 1.0,
+                   "requests": ok, "failures": {"refused": refused}, "rate": rate,
+                   "p50_us": 100.0, "p90_us": 200.0, "p99_us": p99, "max_us": p99 * 2.0,
+                   "backends": {"srv-a": ok}})
+        };
+        let c = combine_rounds(&[
+            round(5000.0, 900.0, 5000, 0),
+            round(600.0, 9000.0, 600, 2),
+            round(4800.0, 1000.0, 4800, 1),
+        ]);
+        assert_eq!(c["rate"], 4800.0);
+        assert_eq!(c["p99_us"], 1000.0);
+        assert_eq!(c["requests"], 10400);
+        assert_eq!(c["failures"]["refused"], 3);
+        assert_eq!(c["backends"]["srv-a"], 10400);
+        assert_eq!(c["max_us"], 18000.0);
+        assert_eq!(c["rounds"], 3);
+        let spread = c["rate_spread"].as_f64().unwrap();
+        assert!((spread - 4400.0 / 4800.0).abs() < 1e-9, "{spread}");
     }
 
     #[test]
