@@ -792,6 +792,9 @@ fn each_backend_keeps_its_own_tables_and_auto_joins_the_one_with_rules() {
         assert!(!save(other).contains("cali-nat-outgoing"), "{other}");
         assert_eq!(ns.run(IptablesMode::detect), mode, "Auto joins {mode}");
         ns.run(|| driver.cleanup()).expect("cleanup");
-        assert!(!save(mode).contains("cali-nat-outgoing"), "{mode} cleaned up");
+        assert!(
+            !save(mode).contains("cali-nat-outgoing"),
+            "{mode} cleaned up"
+        );
     }
 }
