@@ -612,11 +612,11 @@ impl BpfDataplane {
         let seed_kernel_flows = !self.took_over;
         let mut seeded = Vec::new();
         if seed_kernel_flows {
-            seeded.push(self.seed_kernel_udp_flows(&desired)?);
+            seeded.push(self.seed_kernel_udp_flows(&desired));
         }
         let report = self.driver.apply(&desired)?;
         if seed_kernel_flows {
-            seeded.push(self.seed_kernel_udp_flows(&desired)?);
+            seeded.push(self.seed_kernel_udp_flows(&desired));
             self.took_over = true;
             tracing::info!(passes = ?seeded, "UDP flows NATed by iptables written into BPF conntrack");
         }
@@ -677,14 +677,22 @@ impl BpfDataplane {
         Ok(device)
     }
 
-    /// One pass of [`BpfNatDriver::seed_udp_flows`] over this namespace's kernel conntrack.
+    /// One pass of [`BpfNatDriver::seed_udp_flows`] over this namespace's kernel conntrack. A
+    /// failure is logged, not fatal: the programs serve every new flow all the same, only the
+    /// UDP flows iptables opened may then change backends.
     fn seed_kernel_udp_flows(
         &mut self,
         model: &margay_calc::bpf_nat::NatModel,
-    ) -> Result<margay_dataplane::bpf::handover::SeedReport> {
-        let text = margay_dataplane::bpf::handover::read_kernel_conntrack()?;
-        let flows = margay_dataplane::bpf::handover::parse_nf_conntrack(&text);
-        Ok(self.driver.seed_udp_flows(model, &flows)?)
+    ) -> Option<margay_dataplane::bpf::handover::SeedReport> {
+        let seeded = margay_dataplane::bpf::handover::read_kernel_conntrack().and_then(|text| {
+            let flows = margay_dataplane::bpf::handover::parse_nf_conntrack(&text);
+            self.driver.seed_udp_flows(model, &flows)
+        });
+        seeded
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, "cannot hand the kernel's UDP NAT flows to BPF conntrack");
+            })
+            .ok()
     }
 
     /// Writes `mg_ifstate` by difference: one entry per interface our programs are attached to

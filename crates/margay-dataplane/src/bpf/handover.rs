@@ -137,12 +137,17 @@ pub struct SeedReport {
     pub unknown: usize,
 }
 
-/// Reads this network namespace's kernel conntrack table.
+/// Reads this network namespace's kernel conntrack table; empty when the namespace has none
+/// (nf_conntrack never used in it: then no iptables rule NATed anything here either).
 pub fn read_kernel_conntrack() -> Result<String, BpfError> {
-    std::fs::read_to_string("/proc/net/nf_conntrack").map_err(|source| BpfError::Io {
-        what: "read /proc/net/nf_conntrack",
-        source,
-    })
+    match std::fs::read_to_string("/proc/net/nf_conntrack") {
+        Ok(text) => Ok(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(source) => Err(BpfError::Io {
+            what: "read /proc/net/nf_conntrack",
+            source,
+        }),
+    }
 }
 
 #[cfg(test)]
