@@ -16,7 +16,7 @@ use margay_bpf::{
     maps::{
         CtKey, NatBackendValue, NatFrontendKey, Protocol,
         conntrack::{TCP_ACK, TCP_SYN},
-        nat::{ServiceNat, write_service},
+        nat::ServiceNat,
     },
 };
 
@@ -51,7 +51,15 @@ fn seed_service(h: &mut Harness) {
         remote: vec![],
         affinity_timeout_s: 0,
     };
-    write_service(&mut h.maps.nat_frontends, &mut h.maps.nat_backends, &svc, 0).expect("seed");
+    h.write_service(&svc);
+}
+
+/// The port of the `addr:port` a server wrote back as the peer it saw.
+fn port_in(seen: &str) -> u16 {
+    seen.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {seen:?}"))
 }
 
 fn tcp_through_clusterip(t: &Topology) -> (String, SocketAddr) {
@@ -109,11 +117,7 @@ fn tcp_and_udp_to_a_clusterip_reach_the_backend_pod() {
     );
 
     // The pair of conntrack entries saw both handshake legs.
-    let client_port: u16 = seen_by_server
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port");
+    let client_port = port_in(&seen_by_server);
     let client = (POD_A_IP.parse().expect("ip"), client_port);
     let (rev_key, _) = CtKey::new(
         Protocol::Tcp,
@@ -221,7 +225,7 @@ fn a_clusterip_without_endpoints_refuses_tcp_at_once() {
         )],
         ..ServiceNat::default()
     };
-    write_service(&mut h.maps.nat_frontends, &mut h.maps.nat_backends, &svc, 0).expect("seed");
+    h.write_service(&svc);
     let _links = attach_node_programs(&mut h, &t, TcMode::Auto);
     let started = std::time::Instant::now();
     let err = t
@@ -279,7 +283,7 @@ fn udp_errors_reach_the_client_about_the_clusterip() {
         )],
         ..ServiceNat::default()
     };
-    write_service(&mut h.maps.nat_frontends, &mut h.maps.nat_backends, &svc, 0).expect("seed");
+    h.write_service(&svc);
     let _links = attach_node_programs(&mut h, &t, TcMode::Auto);
 
     assert_eq!(
@@ -298,7 +302,7 @@ fn udp_errors_reach_the_client_about_the_clusterip() {
 
 mod tunnel {
     use super::*;
-    use common::{Netns, wire_pod};
+    use common::{Netns, node_port_service, wire_pod};
     use margay_bpf::maps::{
         CtType, ExternalServiceMode, NodeConfig, Reason, conntrack::F_FROM_TUNNEL,
     };
@@ -383,41 +387,13 @@ mod tunnel {
                 .node_config
                 .set(&NodeConfig::new(NODE_B, mode))
                 .expect("cfg");
-            let frontends = |node: Ipv4Addr| {
-                vec![
-                    (NatFrontendKey::new(node, NODE_PORT, Protocol::Tcp, None), 0),
-                    (NatFrontendKey::node_port_any(NODE_PORT, Protocol::Tcp), 0),
-                    (NatFrontendKey::new(LB.0, LB.1, Protocol::Tcp, None), 0),
-                    (NatFrontendKey::new(LB.0, LB.1, Protocol::Udp, None), 0),
-                ]
-            };
             let backend = NatBackendValue::new(pod_ip, BE_PORT);
-            let svc_a = ServiceNat {
-                svc_id: 1,
-                frontends: frontends(NODE_A),
-                remote: vec![backend.on_node(NODE_B)],
-                ..ServiceNat::default()
-            };
-            let svc_b = ServiceNat {
-                svc_id: 1,
-                frontends: frontends(NODE_B),
-                local: vec![backend],
-                ..ServiceNat::default()
-            };
-            write_service(
-                &mut a.maps.nat_frontends,
-                &mut a.maps.nat_backends,
-                &svc_a,
-                0,
-            )
-            .expect("seed A");
-            write_service(
-                &mut b.maps.nat_frontends,
-                &mut b.maps.nat_backends,
-                &svc_b,
-                0,
-            )
-            .expect("seed B");
+            a.write_service(&node_port_service(
+                1, NODE_A, NODE_PORT, LB, backend, NODE_B,
+            ));
+            b.write_service(&node_port_service(
+                1, NODE_B, NODE_PORT, LB, backend, NODE_B,
+            ));
 
             let mut links = a_ns.run(|| {
                 [TcProgram::FromHostIface, TcProgram::ToHostIface]
@@ -540,11 +516,7 @@ mod tunnel {
                 SocketAddr::from(frontend),
                 "{mode:?}: the client talks to the frontend it dialled"
             );
-            let port: u16 = seen_by_pod
-                .rsplit(':')
-                .next()
-                .and_then(|p| p.parse().ok())
-                .expect("port");
+            let port = port_in(&seen_by_pod);
             let client = (CLIENT_IP.parse().expect("ip"), port);
             let t =
                 c.a.1

@@ -14,7 +14,7 @@ mod common;
 use std::net::Ipv4Addr;
 
 use common::{
-    Harness, Netns,
+    Harness, Netns, node_port_service,
     packet::{ACK, Mac, Pkt, SYN, Vxlan, icmp_error, icmp_too_big, macs, parse, with_macs},
 };
 use margay_bpf::{
@@ -23,7 +23,7 @@ use margay_bpf::{
         CtKey, CtType, CtValue, ExternalServiceMode, NatBackendValue, NatFrontendKey, NodeConfig,
         Protocol, Reason,
         conntrack::{F_DSR, F_EXTERNAL, F_FROM_TUNNEL, TCP_ACK, TCP_SYN},
-        nat::{ServiceNat, write_service},
+        nat::ServiceNat,
     },
 };
 
@@ -136,26 +136,8 @@ impl Node {
     }
 
     fn service(&mut self, svc: &ServiceNat) {
-        write_service(
-            &mut self.h.maps.nat_frontends,
-            &mut self.h.maps.nat_backends,
-            svc,
-            0,
-        )
-        .expect("write service");
+        self.h.write_service(svc);
     }
-}
-
-/// Frontends of the test service on a node whose address is `node`: the NodePort on that
-/// address, the NodePort wildcard (for flows that come in the tunnel) and the LoadBalancer IP.
-fn frontends(node: Ipv4Addr) -> Vec<(NatFrontendKey, u32)> {
-    let mut v = Vec::new();
-    for proto in [Protocol::Tcp, Protocol::Udp] {
-        v.push((NatFrontendKey::new(node, NODE_PORT, proto, None), 0));
-        v.push((NatFrontendKey::node_port_any(NODE_PORT, proto), 0));
-        v.push((NatFrontendKey::new(LB.0, LB.1, proto, None), 0));
-    }
-    v
 }
 
 /// Node A (ingress, the pod is remote) and node B (the pod is local), programmed as each
@@ -163,20 +145,9 @@ fn frontends(node: Ipv4Addr) -> Vec<(NatFrontendKey, u32)> {
 fn two_nodes() -> (Node, Node) {
     let mut a = Node::new(NODE_A, A_MAC, &[(NODE_B, B_MAC), (ROUTER, ROUTER_MAC)]);
     let mut b = Node::new(NODE_B, B_MAC, &[(NODE_A, A_MAC), (ROUTER, ROUTER_MAC)]);
-    a.service(&ServiceNat {
-        svc_id: SVC,
-        frontends: frontends(NODE_A),
-        local: vec![],
-        remote: vec![NatBackendValue::new(POD.0, POD.1).on_node(NODE_B)],
-        affinity_timeout_s: 0,
-    });
-    b.service(&ServiceNat {
-        svc_id: SVC,
-        frontends: frontends(NODE_B),
-        local: vec![NatBackendValue::new(POD.0, POD.1)],
-        remote: vec![],
-        affinity_timeout_s: 0,
-    });
+    let pod = NatBackendValue::new(POD.0, POD.1);
+    a.service(&node_port_service(SVC, NODE_A, NODE_PORT, LB, pod, NODE_B));
+    b.service(&node_port_service(SVC, NODE_B, NODE_PORT, LB, pod, NODE_B));
     (a, b)
 }
 
@@ -750,11 +721,16 @@ fn the_backend_node_picks_local_backends_only() {
     let (a, mut b) = two_nodes();
     let pod2 = (Ipv4Addr::new(10, 65, 2, 4), 8080);
     b.service(&ServiceNat {
-        svc_id: SVC,
-        frontends: frontends(NODE_B),
-        local: vec![NatBackendValue::new(POD.0, POD.1)],
         remote: vec![NatBackendValue::new(pod2.0, pod2.1).on_node(NODE_C)],
         affinity_timeout_s: 600,
+        ..node_port_service(
+            SVC,
+            NODE_B,
+            NODE_PORT,
+            LB,
+            NatBackendValue::new(POD.0, POD.1),
+            NODE_B,
+        )
     });
     // B as an ingress node for the client: until its sticky backend is the remote one.
     let mut port = 20000;

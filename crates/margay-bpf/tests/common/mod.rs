@@ -10,7 +10,11 @@
 
 pub mod packet;
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+
+use margay_bpf::maps::nat::{ServiceNat, write_service};
+use margay_bpf::maps::{NatBackendValue, NatFrontendKey, Protocol};
 
 // The namespace guard and the pod wiring are shared with margay-dataplane's packet tests.
 pub use margay_testnet::{Netns, unique, wire_pod};
@@ -151,6 +155,51 @@ impl Harness {
         let dp = margay_bpf::Dataplane::load(&cfg).expect("load dataplane");
         let maps = dp.maps().expect("open maps");
         Self { maps, dp, fs }
+    }
+
+    /// Writes `svc`'s frontends and backends as the agent does (no previous backend count).
+    pub fn write_service(&mut self, svc: &ServiceNat) {
+        write_service(
+            &mut self.maps.nat_frontends,
+            &mut self.maps.nat_backends,
+            svc,
+            0,
+        )
+        .expect("write service");
+    }
+}
+
+// === two nodes, one Service ===
+
+/// A NodePort + LoadBalancer Service as the agent of the node at `node` programs it when its
+/// only backend, `backend`, runs on `backend_node`: for TCP and UDP, the NodePort on the node's
+/// address, the NodePort wildcard (matched by flows that arrive in the tunnel) and the LB IP;
+/// the backend local on its own node, remote (tagged with its node) on any other.
+pub fn node_port_service(
+    svc_id: u32,
+    node: Ipv4Addr,
+    node_port: u16,
+    lb: (Ipv4Addr, u16),
+    backend: NatBackendValue,
+    backend_node: Ipv4Addr,
+) -> ServiceNat {
+    let mut frontends = Vec::new();
+    for proto in [Protocol::Tcp, Protocol::Udp] {
+        frontends.push((NatFrontendKey::new(node, node_port, proto, None), 0));
+        frontends.push((NatFrontendKey::node_port_any(node_port, proto), 0));
+        frontends.push((NatFrontendKey::new(lb.0, lb.1, proto, None), 0));
+    }
+    let (local, remote) = if node == backend_node {
+        (vec![backend], vec![])
+    } else {
+        (vec![], vec![backend.on_node(backend_node)])
+    };
+    ServiceNat {
+        svc_id,
+        frontends,
+        local,
+        remote,
+        affinity_timeout_s: 0,
     }
 }
 
