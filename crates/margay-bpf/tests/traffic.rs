@@ -554,25 +554,85 @@ mod tunnel {
             assert_eq!(rev.tunnel_node(), Some(NODE_A));
         }
         // Full-size segments both ways, in GSO packets (the veths' TSO): the kernel segments
-        // them to fit the tunnel.
+        // them to fit the tunnel, nothing is dropped. Except one thing, which is path MTU
+        // discovery and not a fault: TCP now and then sends a full-size segment alone, not as
+        // GSO (the last segment the window allows, before the next burst: seen in a capture of
+        // a failing run, seq 91225:92673 between two 26 KB GSO packets); with the tunnel's 50
+        // bytes it exceeds the underlay MTU, so the node answers it with ICMP "fragmentation
+        // needed" (mtu 1450) and counts it as too_big; the sender lowers its path MTU and from
+        // then on fits. Whether such a segment is sent depends on timing (1 run in 4 on a
+        // loaded machine, at A for the client's upload or at B for the pod's download). So
+        // too_big alone is allowed here, and only as that: at most two per node (one, or a
+        // second sent before the first ICMP arrived), each one an ICMP the sender received.
+        // Every other drop reason stays 0.
+        let (client_told, pod_told) = (icmp_unreachables(&c.client), icmp_unreachables(&c.pod));
         bulk(&c, (NODE_A, NODE_PORT), 512 * 1024);
-        for (node, h) in [&c.a, &c.b] {
+        let told = [
+            ("client", icmp_unreachables(&c.client) - client_told),
+            ("pod", icmp_unreachables(&c.pod) - pod_told),
+        ];
+        for ((node, h), (sender, told)) in [&c.a, &c.b].into_iter().zip(told) {
             for (r, n) in h.maps.counters.all().expect("counters") {
-                assert!(!r.is_drop() || n == 0, "{}: {n} drops {r:?}", node.name());
+                if r == Reason::TooBig {
+                    if n > 0 {
+                        eprintln!("{}: {n} too_big, the {sender} told", node.name());
+                    }
+                    assert!(
+                        n <= 2,
+                        "{}: {n} too_big, more than path MTU discovery",
+                        node.name()
+                    );
+                    assert_eq!(
+                        n,
+                        told,
+                        "{}: each too_big is an ICMP fragmentation needed the {sender} received",
+                        node.name()
+                    );
+                } else {
+                    assert!(!r.is_drop() || n == 0, "{}: {n} drops {r:?}", node.name());
+                }
             }
         }
         // One full-size segment per packet (no GSO at the client nor the pod): the first ones
         // do not fit the tunnel and are answered with ICMP "fragmentation needed"; the client
-        // and the pod lower their path MTU and the transfer completes.
-        for ns in [&c.client, &c.pod] {
+        // and the pod lower their path MTU and the transfer completes. From a clean start: the
+        // GSO transfer above may have left a too_big in the counters, and a path MTU of 1450 in
+        // the pod's route to the client (the same client address for every frontend), with which
+        // the pod would advertise an MSS that fits the tunnel and nothing would be too big. A
+        // route cache flush forgets the learned path MTUs.
+        let too_big = |h: &Harness| h.maps.counters.get(Reason::TooBig).expect("counter");
+        let (a_before, b_before) = (too_big(&c.a.1), too_big(&c.b.1));
+        for (ns, peer) in [
+            (&c.client, NODE_A.to_string()),
+            (&c.pod, CLIENT_IP.to_owned()),
+        ] {
+            ns.ip(&["route", "flush", "cache"]);
+            let route = ns.ip(&["route", "get", &peer]);
+            assert!(!route.contains(" mtu "), "path MTU forgotten: {route}");
             ns.ip(&["link", "set", "eth0", "gso_max_segs", "1"]);
         }
         bulk(&c, LB, 256 * 1024);
-        let too_big = |h: &Harness| h.maps.counters.get(Reason::TooBig).expect("counter");
-        assert!(too_big(&c.a.1) > 0, "the client was told at A");
+        assert!(too_big(&c.a.1) > a_before, "the client was told at A");
         if mode == ExternalServiceMode::Tunnel {
-            assert!(too_big(&c.b.1) > 0, "the pod was told at B");
+            assert!(too_big(&c.b.1) > b_before, "the pod was told at B");
         }
+    }
+
+    /// The ICMP "destination unreachable" messages (fragmentation needed among them) the
+    /// kernel of `ns` has received: `InDestUnreachs` of its `/proc/net/snmp`.
+    fn icmp_unreachables(ns: &Netns) -> u64 {
+        let snmp = ns.exec("cat", &["/proc/net/snmp"]);
+        let mut icmp = snmp.lines().filter(|l| l.starts_with("Icmp: "));
+        let (names, values) = (
+            icmp.next().expect("Icmp names"),
+            icmp.next().expect("Icmp values"),
+        );
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(name, _)| *name == "InDestUnreachs")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or_else(|| panic!("no InDestUnreachs in {snmp}"))
     }
 
     #[test]
