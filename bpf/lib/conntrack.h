@@ -112,6 +112,36 @@ static __always_inline __be16 mg_psnat_pick(const struct mg_pkt *p, __be32 be_ad
 	return 0;
 }
 
+/* The TCP flags an entry saw on the client's (`client`) or the server's leg. */
+static __always_inline __u8 mg_ct_leg(const struct mg_ct_val *v, bool client)
+{
+	bool client_is_b = v->flags & MG_CT_F_CLIENT_IS_B;
+
+	return client == client_is_b ? v->tcp_b : v->tcp_a;
+}
+
+/*
+ * Whether the TCP flow owning entry `v` is over: a RST, or a FIN from each side, seen on either
+ * entry of its pair (each entry may see only some legs). Its entries linger until the agent's
+ * conntrack scan expires them (30 s after the FINs), but a new flow may take over its tuple at
+ * once, as the kernel's conntrack reopens a TIME_WAIT entry on a SYN: a client that reuses its
+ * port for another frontend of the same backend (NodePort, then the LoadBalancer IP) must not
+ * need a bpfPSNATPorts port, and with the range busy or unset it would be dropped.
+ */
+static __always_inline bool mg_ct_tcp_pair_closed(const struct mg_ct_val *v)
+{
+	__u8 client = mg_ct_leg(v, true), server = mg_ct_leg(v, false);
+	struct mg_ct_val *peer = bpf_map_lookup_elem(&mg_ct, &v->peer);
+
+	if (peer) {
+		client |= mg_ct_leg(peer, true);
+		server |= mg_ct_leg(peer, false);
+	}
+	if ((client | server) & MG_CT_TCP_RST)
+		return true;
+	return (client & MG_CT_TCP_FIN) && (server & MG_CT_TCP_FIN);
+}
+
 static __always_inline int mg_ct_create_nat(const struct mg_pkt *p, __be32 be_addr, __be16 be_port,
 					    __u32 svc_id, __u8 extra_flags, __be32 tun_addr,
 					    __u64 now, __be16 *psnat_port)
@@ -128,6 +158,15 @@ static __always_inline int mg_ct_create_nat(const struct mg_pkt *p, __be32 be_ad
 	client_b_rev = mg_ct_key_fill(&rev_key, p->proto, p->saddr, p->sport, be_addr, be_port);
 	/* (client, backend) held by another flow (an orphan of this very flow is overwritten). */
 	taken = bpf_map_lookup_elem(&mg_ct, &rev_key);
+	if (taken && !mg_ct_key_eq(&taken->peer, &fwd_key) && p->proto == IPPROTO_TCP &&
+	    mg_ct_tcp_pair_closed(taken)) {
+		/* A finished flow's tuple: the new pair takes it, the old forward entry goes (a late
+		 * packet of the old flow then finds no state, as after its expiry). */
+		struct mg_ct_key old_fwd = taken->peer;
+
+		bpf_map_delete_elem(&mg_ct, &old_fwd);
+		taken = NULL;
+	}
 	if (taken && !mg_ct_key_eq(&taken->peer, &fwd_key)) {
 		cport = mg_psnat_pick(p, be_addr, be_port, &rev_key);
 		if (!cport)

@@ -15,7 +15,7 @@ use std::net::Ipv4Addr;
 
 use common::{
     Harness, Netns, node_port_service,
-    packet::{ACK, Mac, Pkt, SYN, Vxlan, icmp_error, icmp_too_big, macs, parse, with_macs},
+    packet::{ACK, FIN, Mac, Pkt, SYN, Vxlan, icmp_error, icmp_too_big, macs, parse, with_macs},
 };
 use margay_bpf::{
     TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TcProgram, TcRun, TcRunContext,
@@ -972,6 +972,64 @@ fn two_ingress_nodes_one_client_tuple_get_a_psnat_port() {
     );
     assert_eq!(r.verdict, TC_ACT_SHOT, "no port SNAT range: dropped");
     assert_eq!(b.counter(Reason::CtCreate), before + 1);
+}
+
+/// A client that closes a connection to a NodePort and opens the next one from the same port to
+/// the LoadBalancer IP of the same backend (what a short-connection load does once its ports wrap,
+/// the benchmark's 12 timeouts): on B the new flow's reverse key (client, pod) is still held by
+/// the finished flow's entries, which linger until the conntrack scan. A finished flow (FIN from
+/// both sides) gives its tuple up: the new flow keeps the client's port, without a bpfPSNATPorts
+/// port (none is configured here, so before this the SYN was dropped as `ct_create`), and the
+/// old forward entry goes. A flow that is still open keeps its tuple (the PSNAT test above).
+#[test]
+fn a_finished_flows_tuple_is_taken_over_by_the_next_syn() {
+    if !common::privileged("a_finished_flows_tuple_is_taken_over_by_the_next_syn") {
+        return;
+    }
+    let (a, b) = two_nodes();
+    let via_a = (NODE_A, NODE_PORT);
+    let through_a_to_b = |pkt: &Pkt, what: &str| {
+        let r = a.run(TcProgram::FromHostIface, &from_client(pkt));
+        assert_eq!(r.verdict, TC_ACT_REDIRECT, "{what} on A");
+        let r = b.run(TcProgram::FromHostIface, &r.packet);
+        assert_eq!(r.verdict, TC_ACT_OK, "{what} on B");
+        parse(&r.packet)
+    };
+    // Flow 1 to A's NodePort, opened and closed by both sides.
+    let got = through_a_to_b(&Pkt::tcp(CLIENT, via_a, SYN), "flow 1 SYN");
+    assert_eq!((got.src, got.dst), (CLIENT, POD));
+    for (flags, what) in [(SYN | ACK, "SYN-ACK"), (FIN | ACK, "pod's FIN")] {
+        let r = b.run(
+            TcProgram::FromWorkload,
+            &Pkt::tcp(POD, CLIENT, flags).bytes(),
+        );
+        assert_eq!(r.verdict, TC_ACT_REDIRECT, "flow 1 {what}");
+    }
+    through_a_to_b(&Pkt::tcp(CLIENT, via_a, FIN | ACK), "client's FIN");
+    through_a_to_b(&Pkt::tcp(CLIENT, via_a, ACK), "client's last ACK");
+    let before = b.counter(Reason::CtCreate);
+
+    // Flow 2: the same client port to the LoadBalancer IP, same backend.
+    let got = through_a_to_b(&Pkt::tcp(CLIENT, LB, SYN), "flow 2 SYN");
+    assert!(got.ip_csum_ok && got.l4_csum_ok, "{got:?}");
+    assert_eq!((got.src, got.dst), (CLIENT, POD), "the client's own port");
+    assert_eq!(b.counter(Reason::CtCreate), before, "nothing dropped");
+    let rev = b
+        .ct(Protocol::Tcp, CLIENT, POD)
+        .expect("flow 2's reverse entry");
+    assert_eq!(rev.psnat_port, 0, "no port SNAT");
+    assert!(
+        b.ct(Protocol::Tcp, CLIENT, via_a).is_none(),
+        "flow 1's forward entry is gone"
+    );
+    // Its reply leaves from the LoadBalancer IP the client dialled.
+    let r = b.run(
+        TcProgram::FromWorkload,
+        &Pkt::tcp(POD, CLIENT, SYN | ACK).bytes(),
+    );
+    assert_eq!(r.verdict, TC_ACT_REDIRECT, "flow 2 reply");
+    let inner = tunnelled(&r, NODE_B, NODE_A, "flow 2 reply");
+    assert_eq!((inner.src, inner.dst), (LB, CLIENT));
 }
 
 /// bpfDSROptoutCIDRs: in DSR mode, a client inside an opted-out network is served the Tunnel
