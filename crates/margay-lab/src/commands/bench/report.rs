@@ -74,6 +74,26 @@ fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
 }
 
+/// The failures of some loads, with their kinds: `0`, or `12 (timeout 12)`.
+fn failure_kinds(loads: &[&Value]) -> String {
+    let mut kinds = std::collections::BTreeMap::<String, u64>::new();
+    for load in loads {
+        for (kind, n) in load["failures"].as_object().into_iter().flatten() {
+            *kinds.entry(kind.clone()).or_default() += n.as_u64().unwrap_or(0);
+        }
+    }
+    let total: u64 = kinds.values().sum();
+    if total == 0 {
+        return "0".into();
+    }
+    let detail: Vec<String> = kinds
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    format!("{total} ({})", detail.join(", "))
+}
+
 fn failures(load: &Value) -> u64 {
     load["failures"]
         .as_object()
@@ -216,7 +236,7 @@ pub fn markdown(results: &Value) -> String {
             f(&ck["rate"]) / f(&pk["rate"]),
             f(&ck["p50_us"]),
             f(&ck["p99_us"]),
-            failures(ps) + failures(cs) + failures(pk) + failures(ck),
+            failure_kinds(&[ps, cs, pk, ck]),
         );
     }
     md.push_str("\n### External client (203.0.113.10) -> node-1 -> backend on node-2, short connections\n\n");
@@ -243,7 +263,7 @@ pub fn markdown(results: &Value) -> String {
             f(&lb["rate"]),
             f(&lb["p50_us"]),
             f(&lb["p99_us"]),
-            failures(np) + failures(lb),
+            failure_kinds(&[np, lb]),
         );
     }
     md.push_str("\n### Programming, endpoint changes, memory\n\n");
@@ -588,6 +608,14 @@ A: client SYN -> NodePort, encapsulated to B                       900        95
         assert_eq!(c["rounds"], 3);
         let spread = c["rate_spread"].as_f64().unwrap();
         assert!((spread - 4400.0 / 4800.0).abs() < 1e-9, "{spread}");
+    }
+
+    #[test]
+    fn failures_are_shown_by_kind() {
+        let a = json!({"failures": {"timeout": 10, "refused": 0}});
+        let b = json!({"failures": {"timeout": 2, "refused": 1}});
+        assert_eq!(failure_kinds(&[&a, &b]), "13 (refused 1, timeout 12)");
+        assert_eq!(failure_kinds(&[&json!({"failures": {}})]), "0");
     }
 
     #[test]
