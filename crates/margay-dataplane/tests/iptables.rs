@@ -5,18 +5,15 @@
 //! those namespaces changes. Without root they print why and pass without doing anything; CI
 //! runs them as root.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use margay_calc::model::is_owned_chain;
 use margay_calc::{Ruleset, Scenario, Table};
 use margay_dataplane::iptables::{IptablesDriver, SavedTables};
-use nix::sched::{CloneFlags, setns};
+use margay_testnet::Netns;
 
 // === Harness ===
 
@@ -25,6 +22,10 @@ fn privileged(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: needs root, and CI must not skip it"
+    );
     // Written to stderr directly: libtest captures eprintln! of passing tests.
     let _ = writeln!(
         std::io::stderr(),
@@ -33,83 +34,14 @@ fn privileged(test: &str) -> bool {
     false
 }
 
-static NEXT: AtomicUsize = AtomicUsize::new(0);
-
-/// A network namespace named `mgt-ipt-<pid>-<n>`, deleted on drop (even while unwinding).
-struct Netns {
-    name: String,
+/// The namespace's tables as `iptables-save` prints them, parsed.
+fn saved_tables(ns: &Netns) -> SavedTables {
+    SavedTables::parse(&ns.exec("iptables-save", &[])).expect("iptables-save parses")
 }
 
-impl Netns {
-    fn new() -> Self {
-        let name = format!(
-            "mgt-ipt-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        sh("ip", &["netns", "add", &name]);
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// `ip -n <ns> ARGS`, which must succeed.
-    fn ip(&self, args: &[&str]) {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend_from_slice(args);
-        sh("ip", &all);
-    }
-
-    /// A command run inside the namespace, which must succeed; returns its stdout.
-    fn exec(&self, program: &str, args: &[&str]) -> String {
-        let mut all = vec!["netns", "exec", self.name.as_str(), program];
-        all.extend_from_slice(args);
-        sh("ip", &all)
-    }
-
-    /// Runs `f` on a new thread inside the namespace (the caller's thread stays where it is).
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-                    setns(&file, CloneFlags::CLONE_NEWNET).expect("setns into the test namespace");
-                    f()
-                })
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
-    }
-
-    fn saved(&self) -> SavedTables {
-        SavedTables::parse(&self.exec("iptables-save", &[])).expect("iptables-save parses")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let status = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-        if !status.is_ok_and(|s| s.success()) {
-            eprintln!("could not delete network namespace {}", self.name);
-        }
-    }
-}
-
-fn sh(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// A namespace of this test binary's own (`mgi<pid>x<n>`), deleted on drop.
+fn netns() -> Netns {
+    Netns::with_prefix("mgi")
 }
 
 fn assert_no_drift(ns: &Netns, driver: &mut IptablesDriver, rs: &Ruleset, what: &str) {
@@ -127,7 +59,7 @@ fn assert_no_drift(ns: &Netns, driver: &mut IptablesDriver, rs: &Ruleset, what: 
 
 /// Every owned chain and every rule mentioning one, in every table of the namespace.
 fn leftovers(ns: &Netns) -> Vec<String> {
-    let saved = ns.saved();
+    let saved = saved_tables(ns);
     let mut out = Vec::new();
     for (table, t) in &saved.tables {
         for (chain, rules) in &t.chains {
@@ -218,7 +150,7 @@ fn golden_rulesets_load_and_read_back_identically() {
         .filter(|f| f.exists())
         .collect();
 
-    let ns = Netns::new();
+    let ns = netns();
     // Someone else's rules in the built-in chains must survive all of it.
     ns.exec(
         "iptables",
@@ -251,7 +183,7 @@ fn golden_rulesets_load_and_read_back_identically() {
     let report = ns.run(|| driver.cleanup()).expect("cleanup");
     assert!(report.chains_left.is_empty(), "{report:?}");
     assert_eq!(leftovers(&ns), Vec::<String>::new());
-    let saved = ns.saved();
+    let saved = saved_tables(&ns);
     let nat = saved.table(Table::Nat).expect("nat table");
     assert_eq!(
         nat.chains["POSTROUTING"],
@@ -271,7 +203,7 @@ fn partial_sync_leaves_unchanged_chains_alone() {
     if !privileged("partial_sync_leaves_unchanged_chains_alone") {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     // A route for the DNATed SYN below to leave by (a veth whose peer never answers).
     ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
     ns.ip(&["addr", "add", "10.99.0.1/24", "dev", "v0"]);
@@ -328,7 +260,7 @@ fn failed_partial_sync_is_repaired_by_a_full_one() {
     if !privileged("failed_partial_sync_is_repaired_by_a_full_one") {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     let mut driver = IptablesDriver::new();
     ns.run(|| driver.sync(&services(&["alpha"], 2)))
         .expect("first sync");
@@ -350,7 +282,7 @@ fn jumps_exist_exactly_once() {
     if !privileged("jumps_exist_exactly_once") {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     // A duplicate of one of kube-proxy's jumps (two agents raced?), an older kube-proxy's jump
     // without comment, and someone else's rule.
     ns.exec("iptables", &["-t", "nat", "-N", "KUBE-SERVICES"]);
@@ -405,7 +337,7 @@ fn jumps_exist_exactly_once() {
         (0, 0),
         "{report:?}"
     );
-    let nat = ns.saved();
+    let nat = saved_tables(&ns);
     let prerouting = &nat.table(Table::Nat).expect("nat").chains["PREROUTING"];
     assert_eq!(
         prerouting,
@@ -424,7 +356,7 @@ fn host_port_and_bpf_forward_rules_read_back_identically() {
     if !privileged("host_port_and_bpf_forward_rules_read_back_identically") {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     let mut driver = IptablesDriver::new();
     let pods: Vec<k8s_openapi::api::core::v1::Pod> = serde_json::from_value(serde_json::json!([
         {"metadata": {"name": "web", "namespace": "shop"},
@@ -480,7 +412,7 @@ fn cleanup_leaves_no_kube_chain() {
     if !privileged("cleanup_leaves_no_kube_chain") {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     let mut driver = IptablesDriver::new();
     let mut rs = services(&["alpha", "beta"], 3);
     rs.add_nat_outgoing(&[("10.244.0.0/16".parse().expect("cidr"), true)]);
@@ -515,7 +447,7 @@ fn cleanup_leaves_no_kube_chain() {
     let report = ns.run(|| driver.cleanup()).expect("cleanup");
     assert!(report.chains_left.is_empty(), "{report:?}");
     assert_eq!(leftovers(&ns), Vec::<String>::new());
-    let saved = ns.saved();
+    let saved = saved_tables(&ns);
     let filter = saved.table(Table::Filter).expect("filter");
     assert_eq!(filter.chains["INPUT"], ["-j FOREIGN"]);
     assert_eq!(filter.chains["FOREIGN"], ["-j ACCEPT"]);
@@ -530,7 +462,11 @@ fn cleanup_leaves_no_kube_chain() {
         [(Table::Filter, "KUBE-FORWARD".to_owned())]
     );
     assert_eq!(
-        ns.saved().table(Table::Filter).expect("filter").chains["KUBE-FORWARD"].len(),
+        saved_tables(&ns)
+            .table(Table::Filter)
+            .expect("filter")
+            .chains["KUBE-FORWARD"]
+            .len(),
         0
     );
 }
@@ -544,22 +480,14 @@ fn packets_reach_the_pod_through_the_rules() {
     if !privileged("packets_reach_the_pod_through_the_rules") {
         return;
     }
-    let (client, node, pod) = (Netns::new(), Netns::new(), Netns::new());
-    client.ip(&[
-        "link",
-        "add",
-        "eth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "to-client",
-        "netns",
-        &node.name,
-    ]);
-    pod.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "to-pod", "netns", &node.name,
-    ]);
+    let (client, node, pod) = (netns(), netns(), netns());
+    // Each end's `eth0`, peered with `to-<end>` on the node.
+    for (end, node_side) in [(&client, "to-client"), (&pod, "to-pod")] {
+        let node_ns = node.name();
+        end.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", node_side, "netns", node_ns,
+        ]);
+    }
     client.ip(&["addr", "add", "10.99.1.2/24", "dev", "eth0"]);
     client.ip(&["link", "set", "eth0", "up"]);
     client.ip(&["route", "add", "10.96.0.0/12", "via", "10.99.1.1"]);
@@ -706,7 +634,7 @@ fn sync_timings_at_scale() {
     if !privileged("sync_timings_at_scale") {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     let names: Vec<String> = (0..2000).map(|i| format!("svc-{i}")).collect();
     let build = |extra: bool| {
         let mut yaml = String::from(
@@ -767,7 +695,7 @@ fn each_backend_keeps_its_own_tables_and_auto_joins_the_one_with_rules() {
     if !privileged("each_backend_keeps_its_own_tables_and_auto_joins_the_one_with_rules") {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     let nothing_yet = ns.run(IptablesMode::detect);
     assert_eq!(
         nothing_yet,

@@ -116,7 +116,8 @@ impl Netns {
                 f()
             })
             .join()
-            .expect("thread in netns panicked")
+            // The test's own panic (an assertion inside the namespace), not a generic one.
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
     }
 }
