@@ -60,7 +60,16 @@ use crate::kube_proxy::{
     NodeContext,
 };
 
-pub use ids::{assign_ids, service_id_hash};
+pub use ids::{assign_ids, replace_lists, service_id_hash};
+
+/// Whether the backend list `list` (a [`NatService::name`]) is one of the Service's:
+/// `ns/name:port/proto` or `ns/name/proto`, with or without `+local`.
+pub fn list_of_service(list: &str, service: &crate::kube_proxy::ServiceName) -> bool {
+    list.strip_prefix(service.0.as_str())
+        .and_then(|rest| rest.strip_prefix('/'))
+        .and_then(|rest| rest.strip_prefix(service.1.as_str()))
+        .is_some_and(|rest| rest.starts_with(':') || rest.starts_with('/'))
+}
 
 // === The model ===
 

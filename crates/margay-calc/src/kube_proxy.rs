@@ -36,6 +36,9 @@ use sha2::{Digest, Sha256};
 
 use crate::model::{Jump, Ruleset, TableRules, comment};
 
+mod incremental;
+pub use incremental::{KubeProxyRules, ServiceName, Update};
+
 // === Names ===
 
 pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
@@ -505,6 +508,12 @@ pub fn kube_proxy_ruleset(
         write_service_port(&mut rs, sp, eps, node, large);
     }
 
+    write_tail(&mut rs);
+    rs
+}
+
+/// The rules after every service's.
+fn write_tail(rs: &mut Ruleset) {
     // Tail call to the NodePorts chain: must stay the last rule of nat KUBE-SERVICES.
     rs.nat.push(
         KUBE_SERVICES,
@@ -529,7 +538,6 @@ pub fn kube_proxy_ruleset(
             comment("kubernetes forwarding conntrack rule")
         ),
     );
-    rs
 }
 
 /// Chains kube-proxy always declares, the rules that do not depend on services, and the jumps.

@@ -146,3 +146,111 @@ impl Scenario {
         rs
     }
 }
+
+/// One step of [`Scenario::churn`]: the Services whose objects or slices it changed, and the
+/// whole state after it.
+#[derive(Debug, Clone)]
+pub struct ChurnStep {
+    pub what: String,
+    pub touched: Vec<crate::kube_proxy::ServiceName>,
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+}
+
+/// The Service an EndpointSlice belongs to (namespace, `kubernetes.io/service-name`).
+pub fn slice_service(slice: &EndpointSlice) -> Option<crate::kube_proxy::ServiceName> {
+    let name = slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get(crate::kube_proxy::LABEL_SERVICE_NAME)?;
+    Some((
+        slice
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned()),
+        name.clone(),
+    ))
+}
+
+/// The (namespace, name) of a Service.
+pub fn service_name(svc: &Service) -> crate::kube_proxy::ServiceName {
+    (
+        svc.metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned()),
+        svc.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+impl Scenario {
+    /// A sequence of one-Service changes that builds this scenario up from nothing and takes it
+    /// down again, for equivalence tests of incremental updates against a full calculation:
+    /// each Service arrives (with its slices), then each slice loses its last endpoint, then
+    /// each slice's first endpoint turns not ready (and terminating), then the Services go one
+    /// by one (their slices stay a moment, as when a controller is slow), then the slices go.
+    pub fn churn(&self) -> Vec<ChurnStep> {
+        let mut steps = Vec::new();
+        let mut services: Vec<Service> = Vec::new();
+        let mut slices: Vec<EndpointSlice> = Vec::new();
+        let mut push = |what: String, touched, services: &[Service], slices: &[EndpointSlice]| {
+            steps.push(ChurnStep {
+                what,
+                touched,
+                services: services.to_vec(),
+                slices: slices.to_vec(),
+            });
+        };
+        for svc in &self.services {
+            let name = service_name(svc);
+            services.push(svc.clone());
+            slices.extend(
+                self.slices
+                    .iter()
+                    .filter(|s| slice_service(s).as_ref() == Some(&name))
+                    .cloned(),
+            );
+            push(format!("add {name:?}"), vec![name], &services, &slices);
+        }
+        for i in 0..slices.len() {
+            if slices[i].endpoints.len() < 2 {
+                continue;
+            }
+            slices[i].endpoints.pop();
+            let touched = slice_service(&slices[i]).into_iter().collect();
+            push(
+                format!("slice {i} loses an endpoint"),
+                touched,
+                &services,
+                &slices,
+            );
+        }
+        for i in 0..slices.len() {
+            let Some(ep) = slices[i].endpoints.first_mut() else {
+                continue;
+            };
+            let cond = ep.conditions.get_or_insert_with(Default::default);
+            cond.ready = Some(false);
+            cond.serving = Some(true);
+            cond.terminating = Some(true);
+            let touched = slice_service(&slices[i]).into_iter().collect();
+            push(
+                format!("slice {i} terminating"),
+                touched,
+                &services,
+                &slices,
+            );
+        }
+        while let Some(svc) = services.pop() {
+            let name = service_name(&svc);
+            push(format!("remove {name:?}"), vec![name], &services, &slices);
+        }
+        while let Some(slice) = slices.pop() {
+            let touched = slice_service(&slice).into_iter().collect();
+            push("remove a slice".to_owned(), touched, &services, &slices);
+        }
+        steps
+    }
+}

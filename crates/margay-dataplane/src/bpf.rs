@@ -51,6 +51,7 @@ use margay_calc::bpf_nat::{
     Backend, BackendKey, FrontendKey, FrontendValue, NatDiff, NatModel, Proto, bpf_nat_model_with,
     flags,
 };
+use margay_calc::kube_proxy::ServiceName;
 
 pub use conntrack::{CleanupReport, Timeouts};
 
@@ -192,6 +193,15 @@ pub struct AdoptReport {
     /// `apply` deletes them.
     pub foreign_frontends: usize,
     pub duration: Duration,
+}
+
+/// What [`BpfNatDriver::sync_services`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServicesSync {
+    /// Only the changed Services' entries were recalculated and the differences written.
+    Applied(ApplyReport),
+    /// Nothing was written: this change needs [`BpfNatDriver::sync`] with every Service (why).
+    NeedsFull(String),
 }
 
 /// What one [`BpfNatDriver::apply`] did.
@@ -487,6 +497,92 @@ impl BpfNatDriver {
     pub fn apply(&mut self, desired: &NatModel) -> Result<ApplyReport, BpfError> {
         let start = Instant::now();
         let diff = self.current.diff(desired);
+        // Names: the desired ones, plus old ones whose entries may still be in the maps until
+        // the deletes have succeeded.
+        let old_names = std::mem::replace(&mut self.current.services, desired.services.clone());
+        for (id, name) in old_names {
+            self.current.services.entry(id).or_insert(name);
+        }
+        self.current.conflicts = desired.conflicts.clone();
+        let mut report = self.write_diff(&diff)?;
+        self.current
+            .services
+            .retain(|id, _| desired.services.contains_key(id));
+        self.applied = true;
+        report.frontends = self.current.frontends.len();
+        report.backends = self.current.backends.len();
+        report.services = self.current.services.len();
+        report.duration = start.elapsed();
+        tracing::debug!(?report, "NAT maps applied");
+        Ok(report)
+    }
+
+    /// Recalculates only the Services `changed` and writes only their entries that changed:
+    /// `services` holds those of them that exist, `slices` every EndpointSlice naming one of
+    /// them (others are ignored). The maps end up exactly as [`Self::sync`] with every Service
+    /// would leave them (`tests/bpf.rs` checks it), unless the answer could depend on other
+    /// Services (a frontend two lists claim) or no full sync has completed yet: then nothing is
+    /// written and [`ServicesSync::NeedsFull`] says why.
+    pub fn sync_services(
+        &mut self,
+        changed: &[ServiceName],
+        services: &[Service],
+        slices: &[EndpointSlice],
+        node: &NodeContext,
+    ) -> Result<ServicesSync, BpfError> {
+        if !self.applied {
+            return Ok(ServicesSync::NeedsFull(
+                "no full sync has completed since the maps were adopted".to_owned(),
+            ));
+        }
+        let start = Instant::now();
+        let own_slices: Vec<EndpointSlice> = slices
+            .iter()
+            .filter(|s| {
+                margay_calc::scenario::slice_service(s).is_some_and(|n| changed.contains(&n))
+            })
+            .cloned()
+            .collect();
+        let own_services: Vec<Service> = services
+            .iter()
+            .filter(|s| changed.contains(&margay_calc::scenario::service_name(s)))
+            .cloned()
+            .collect();
+        let lists = margay_calc::bpf_nat::nat_services(&own_services, &own_slices, node);
+        let host_port_lists: BTreeSet<&str> =
+            self.host_ports.iter().map(|l| l.name.as_str()).collect();
+        let replaced = |name: &str| {
+            !host_port_lists.contains(name)
+                && changed
+                    .iter()
+                    .any(|svc| margay_calc::bpf_nat::list_of_service(name, svc))
+        };
+        let (old, mut new) =
+            match margay_calc::bpf_nat::replace_lists(&self.current, &replaced, lists) {
+                Ok(pair) => pair,
+                Err(why) => return Ok(ServicesSync::NeedsFull(why)),
+            };
+        self.place_remote_backends(&mut new, &own_slices, node);
+        let diff = old.diff(&new);
+        self.current.services.extend(new.services.clone());
+        let mut report = self.write_diff(&diff)?;
+        for id in old.services.keys() {
+            if !new.services.contains_key(id) {
+                self.current.services.remove(id);
+            }
+        }
+        report.frontends = self.current.frontends.len();
+        report.backends = self.current.backends.len();
+        report.services = self.current.services.len();
+        report.duration = start.elapsed();
+        tracing::debug!(?report, "NAT maps applied for {} Services", changed.len());
+        Ok(ServicesSync::Applied(report))
+    }
+
+    /// Writes `diff` in the order the module doc gives, keeping [`Self::current`]'s entries in
+    /// step with each write, and removes stale affinity entries of sticky services whose
+    /// backends changed.
+    fn write_diff(&mut self, diff: &NatDiff) -> Result<ApplyReport, BpfError> {
         let mut report = ApplyReport::default();
 
         // Services with session affinity whose backend set changes: their affinity entries
@@ -509,14 +605,6 @@ impl BpfNatDriver {
                 affinity_check.insert(k.svc_id);
             }
         }
-
-        // Names: the desired ones, plus old ones whose entries may still be in the maps until
-        // the deletes below have succeeded.
-        let old_names = std::mem::replace(&mut self.current.services, desired.services.clone());
-        for (id, name) in old_names {
-            self.current.services.entry(id).or_insert(name);
-        }
-        self.current.conflicts = desired.conflicts.clone();
 
         for (k, b) in &diff.backend_writes {
             self.maps
@@ -549,20 +637,10 @@ impl BpfNatDriver {
             self.current.backends.remove(k);
             report.backends_deleted += 1;
         }
-        self.current
-            .services
-            .retain(|id, _| desired.services.contains_key(id));
 
         if !affinity_check.is_empty() {
             report.affinity_removed = self.purge_affinity(&affinity_check)?;
         }
-
-        self.applied = true;
-        report.frontends = self.current.frontends.len();
-        report.backends = self.current.backends.len();
-        report.services = self.current.services.len();
-        report.duration = start.elapsed();
-        tracing::debug!(?report, "NAT maps applied");
         Ok(report)
     }
 

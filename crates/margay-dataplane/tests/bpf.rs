@@ -1101,3 +1101,83 @@ fn real_traffic_survives_cleanup_and_restart() {
     drop(links);
     drop(dp);
 }
+
+/// Equivalence: one Service at a time (`sync_services`) leaves the kernel's maps exactly as a
+/// full recalculation wants them, at every step of each golden scenario's churn (Services
+/// arriving, endpoints going and turning terminating, Services and slices going), with a peer
+/// node so that remote backends carry their node: after each incremental step the maps equal the
+/// driver's model and a full sync finds nothing to write.
+#[test]
+fn one_service_at_a_time_equals_a_full_sync() {
+    if !privileged("one_service_at_a_time_equals_a_full_sync") {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../margay-calc/tests/golden-bpf-nat");
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("golden cases")
+        .flat_map(|e| {
+            let case = e.expect("entry").path();
+            [case.join("input.yaml"), case.join("update.yaml")]
+        })
+        .filter(|p| p.exists())
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 15);
+    let mut node = Node::new();
+    node.driver.set_peer_nodes(
+        [("node-b".to_owned(), Ipv4Addr::new(192, 168, 50, 2))]
+            .into_iter()
+            .collect(),
+    );
+    let (mut incremental, mut full) = (0, 0);
+    for case in &cases {
+        let s = scenario(&std::fs::read_to_string(case).expect("read"));
+        // Each case starts from empty maps after a full sync (the agent's first sync is full).
+        node.sync(&Scenario {
+            node: s.node.clone(),
+            ..Scenario::default()
+        });
+        for step in s.churn() {
+            let what = format!("{}: {}", case.display(), step.what);
+            match node
+                .driver
+                .sync_services(&step.touched, &step.services, &step.slices, &s.node)
+                .expect("sync_services")
+            {
+                margay_dataplane::bpf::ServicesSync::Applied(_) => incremental += 1,
+                margay_dataplane::bpf::ServicesSync::NeedsFull(why) => {
+                    eprintln!("{what}: full sync ({why})");
+                    node.driver
+                        .sync(&step.services, &step.slices, &s.node)
+                        .expect("sync");
+                    full += 1;
+                }
+            }
+            let (kernel, foreign) = node.driver.read_maps().expect("read maps");
+            assert!(foreign.is_empty(), "{what}");
+            assert!(
+                kernel.same_entries(node.driver.current()),
+                "{what}: kernel:\n{}\nmodel:\n{}",
+                kernel.dump(),
+                node.driver.current().dump()
+            );
+            let before = node.driver.current().clone();
+            let report = node
+                .driver
+                .sync(&step.services, &step.slices, &s.node)
+                .expect("full sync");
+            assert_eq!(
+                report.operations(),
+                0,
+                "{what}: a full sync after the incremental one still wrote {report:?}\nincremental:\n{}\nfull:\n{}",
+                before.dump(),
+                node.driver.current().dump()
+            );
+        }
+    }
+    println!("{incremental} incremental steps, {full} fell back to a full sync");
+    assert!(
+        incremental > 50,
+        "most steps are incremental ({incremental})"
+    );
+}

@@ -150,6 +150,10 @@ pub struct WatchEvent {
     /// The object after the change; for `Deleted`, the object as it was last stored (its
     /// `metadata.resourceVersion` is the revision that last wrote it, not `revision`).
     pub value: Value,
+    /// This is the last change of its commit the watch delivers: every change of `revision` is
+    /// now out. Consumers that act per commit can act at once instead of waiting for a quiet
+    /// spell. A backend that cannot tell leaves it false.
+    pub commit_complete: bool,
 }
 
 /// A stream of changes; see [`Datastore::watch`].

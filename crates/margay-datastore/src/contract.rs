@@ -123,6 +123,7 @@ checks![
     watch_from_a_revision_continues_without_gaps_or_duplicates,
     watch_sees_writes_through_another_handle,
     watch_from_a_compacted_revision_fails,
+    watch_marks_the_last_change_of_each_commit,
     sync_lists_then_follows,
     sync_waits_until_the_store_can_be_listed,
     sync_resync_emits_only_real_changes,
@@ -209,6 +210,7 @@ macro_rules! datastore_contract_tests {
             watch_from_a_revision_continues_without_gaps_or_duplicates,
             watch_sees_writes_through_another_handle,
             watch_from_a_compacted_revision_fails,
+            watch_marks_the_last_change_of_each_commit,
             sync_lists_then_follows,
             sync_waits_until_the_store_can_be_listed,
             sync_resync_emits_only_real_changes,
@@ -381,7 +383,15 @@ fn assert_consistent(stored: &Stored) {
     assert_eq!(key_of(&stored.value), stored.key);
 }
 
+/// The next event, with `commit_complete` cleared: the expectations below are about the
+/// changes; [`watch_marks_the_last_change_of_each_commit`] checks the flag.
 async fn next_event(stream: &mut WatchStream) -> WatchEvent {
+    let mut event = next_marked_event(stream).await;
+    event.commit_complete = false;
+    event
+}
+
+async fn next_marked_event(stream: &mut WatchStream) -> WatchEvent {
     match tokio::time::timeout(EVENT_TIMEOUT, stream.next()).await {
         Ok(Some(Ok(event))) => event,
         Ok(Some(Err(e))) => panic!("the watch failed: {e}"),
@@ -404,6 +414,7 @@ fn event(event_type: EventType, revision: Revision, stored: &Stored) -> WatchEve
         revision,
         key: stored.key.clone(),
         value: stored.value.clone(),
+        commit_complete: false,
     }
 }
 
@@ -1218,6 +1229,32 @@ pub async fn watch_sees_writes_through_another_handle(f: Fixture) {
     );
     assert_eq!(f.first.get(&p1.key).await.unwrap(), p1);
     assert_eq!(f.second.get(&svc.key).await.unwrap(), svc);
+}
+
+/// Each change says whether it is the last of its commit, so that a consumer acting per
+/// commit (the node agent) need not wait for a quiet spell to know that a commit is whole.
+pub async fn watch_marks_the_last_change_of_each_commit(f: Fixture) {
+    let base = f.base;
+    let ds = &f.first;
+    let mut watch = ds.watch(base).await.unwrap();
+    create(ds, ippool("p1", "10.0.0.0/16")).await;
+    ds.commit(vec![
+        create_op(ippool("p2", "10.1.0.0/16")),
+        create_op(ippool("p3", "10.2.0.0/16")),
+        create_op(service("default", "web", 80)),
+    ])
+    .await
+    .unwrap();
+    create(ds, ippool("p4", "10.3.0.0/16")).await;
+    let mut marks = Vec::new();
+    for _ in 0..5 {
+        let e = next_marked_event(&mut watch).await;
+        marks.push((e.revision - base, e.commit_complete));
+    }
+    assert_eq!(
+        marks,
+        vec![(1, true), (2, false), (2, false), (2, true), (3, true)]
+    );
 }
 
 /// History forgotten by compaction cannot be watched; what follows it can.

@@ -105,7 +105,7 @@ impl Default for SqliteOptions {
     fn default() -> Self {
         SqliteOptions {
             busy_timeout: Duration::from_secs(10),
-            poll_interval: Duration::from_millis(25),
+            poll_interval: Duration::from_millis(5),
             history: 100_000,
             compact_every: 1000,
         }
@@ -1033,17 +1033,19 @@ impl Poller {
             };
             let revision = from_db(revision, &key)?;
             let value = document(&key, &json, from_db(object_revision, &key)?)?;
+            let complete = idx + 1 >= ops;
             batch.push((
                 Position {
                     revision,
                     idx,
-                    complete: idx + 1 >= ops,
+                    complete,
                 },
                 WatchEvent {
                     event_type,
                     revision,
                     key,
                     value,
+                    commit_complete: complete,
                 },
             ));
         }

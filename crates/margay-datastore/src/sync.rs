@@ -64,7 +64,8 @@ const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest delay between retries.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long the watch may stay quiet before the last change seen counts as the end of its
-/// commit (the changes of one commit arrive back to back).
+/// commit (the changes of one commit arrive back to back), for changes whose backend did not
+/// mark the last of its commit ([`crate::WatchEvent::commit_complete`]).
 const COMMIT_SETTLE: Duration = Duration::from_millis(15);
 /// A failure this long after the previous one starts the back-off afresh.
 const BACKOFF_RESET: Duration = Duration::from_secs(30);
@@ -202,11 +203,17 @@ impl Syncer {
                             self.out.push_back(SyncUpdate::Progress(previous));
                         }
                         let from = event.revision;
+                        let complete = event.commit_complete;
                         self.apply_event(event);
+                        // The backend says the commit is whole: report it now rather than
+                        // after COMMIT_SETTLE of quiet (the delay of every single change).
+                        if complete {
+                            self.out.push_back(SyncUpdate::Progress(from));
+                        }
                         self.phase = Phase::Watch {
                             from,
                             stream: Some(stream),
-                            unreported: Some(from),
+                            unreported: (!complete).then_some(from),
                         };
                     }
                     Some(Err(e)) => self.lost(e),

@@ -110,6 +110,10 @@ pub struct BenchArgs {
     /// (docs/design/bench.md).
     #[arg(long, default_value = "Legacy", value_name = "Legacy|NFT|Auto")]
     pub iptables_backend: margay_api::calico::felix::IptablesBackend,
+    /// Measure only the endpoint-change latency (at each N, in both dataplanes), with `SAMPLES`
+    /// changes per cell; prints its table and writes `endpoint-changes.json` to `--out`.
+    #[arg(long, value_name = "SAMPLES")]
+    pub endpoint_changes_only: Option<usize>,
 }
 
 #[derive(Debug, Args)]

@@ -7,7 +7,7 @@
 //! traffic to Services not read yet. While the datastore is unreachable the dataplane is left
 //! as it is and the agent reports "not in sync".
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use futures::StreamExt;
+use margay_api::Kind;
 use margay_api::calico::felix::IptablesBackend;
 use margay_api::operator::LinuxDataplane;
 use margay_datastore::{Client, SyncStatus, SyncUpdate};
@@ -23,12 +24,13 @@ use serde_json::json;
 use margay_api::calico::node::PreflightStatus;
 
 use crate::bpf_mode::BpfDataplane;
-use crate::cache::{Cache, KINDS};
+use crate::cache::{Cache, Changes, KINDS};
 use crate::health::{AgentStatus, HealthCheckServers, SharedStatus};
 use crate::preflight;
 use crate::proxy::ProxyDataplane;
 use crate::routes::{RouteDriver, desired_routes};
 use crate::vxlan;
+use margay_calc::kube_proxy::ServiceName;
 
 /// How the agent was started.
 #[derive(Clone, Debug)]
@@ -53,6 +55,10 @@ pub struct AgentConfig {
 
 /// How often the Node's status is refreshed even when nothing changed (last sync time).
 const STATUS_HEARTBEAT: Duration = Duration::from_secs(60);
+
+/// Above this many changed Services a sync recalculates everything: one-Service updates cost
+/// a little per Service, a full calculation a little per Service of the cluster.
+const INCREMENTAL_MAX_SERVICES: usize = 64;
 
 /// How often a node leaving BPF checks whether the flows its programs translated have ended.
 const DRAIN_CHECK: Duration = Duration::from_secs(1);
@@ -115,13 +121,19 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let mut mid_commit = false;
     let mut last_sync: Option<Instant> = None;
     let mut next_maintenance = Instant::now() + BPF_MAINTENANCE;
-    loop {
-        let min_period = agent
-            .cache
+    // When the oldest change not yet programmed arrived (the sync log says how long it waited).
+    let mut pending_since: Option<Instant> = None;
+    // Read again only when a FelixConfiguration changes: reading it on every event cost a
+    // parse of the configuration per change.
+    let min_sync_period = |cache: &Cache| {
+        cache
             .felix(&config.node)
             .bpf_kube_proxy_min_sync_period
             .map(|d| d.as_duration())
-            .unwrap_or(Duration::from_secs(1));
+            .unwrap_or(Duration::from_secs(1))
+    };
+    let mut min_period = min_sync_period(&agent.cache);
+    loop {
         // Run at once after a quiet period, else no sooner than min_period after the last sync
         // (kube-proxy's bounded-frequency runner).
         let due = last_sync.map_or(Instant::now(), |t| t + min_period);
@@ -158,13 +170,25 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                         // A Node whose agent only refreshed its dataplane report changes
                         // nothing here: no sync (each agent writes it every few seconds in BPF
                         // mode, and every agent would resync on each).
-                        dirty |= agent.cache.upsert(stored);
+                        let felix = stored.key.kind == Kind::FelixConfiguration;
+                        let relevant = agent.cache.upsert(stored);
+                        if felix {
+                            min_period = min_sync_period(&agent.cache);
+                        }
+                        if relevant {
+                            dirty = true;
+                            pending_since.get_or_insert_with(Instant::now);
+                        }
                         mid_commit = true;
                     }
                     SyncUpdate::Remove(key) => {
                         agent.cache.remove(&key);
+                        if key.kind == Kind::FelixConfiguration {
+                            min_period = min_sync_period(&agent.cache);
+                        }
                         dirty = true;
                         mid_commit = true;
+                        pending_since.get_or_insert_with(Instant::now);
                     }
                     SyncUpdate::Progress(revision) => {
                         mid_commit = false;
@@ -179,15 +203,20 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             _ = tokio::time::sleep_until(due.into()), if dirty && in_sync && !mid_commit => {
                 dirty = false;
                 last_sync = Some(Instant::now());
-                agent.sync_dataplane().await;
+                let changes = agent.cache.take_changes();
+                agent.sync(changes, pending_since.take()).await;
             }
             _ = tokio::time::sleep(DRAIN_CHECK), if in_sync && agent.draining() => {
                 last_sync = Some(Instant::now());
-                agent.sync_dataplane().await;
+                agent.cache.take_changes();
+                agent.sync_dataplane(pending_since.take()).await;
             }
             _ = tokio::time::sleep_until(heartbeat.into()), if in_sync => {
+                // Also the periodic full resync: every Service recalculated, every map and
+                // chain compared with what it should hold.
                 last_sync = Some(Instant::now());
-                agent.sync_dataplane().await;
+                agent.cache.take_changes();
+                agent.sync_dataplane(pending_since.take()).await;
             }
             _ = tokio::time::sleep_until(next_maintenance.into()), if in_sync && agent.bpf.is_some() => {
                 next_maintenance = Instant::now() + BPF_MAINTENANCE;
@@ -286,9 +315,95 @@ impl Agent {
         }
     }
 
+    /// Programs `changes`: when only Services and EndpointSlices changed and the last sync
+    /// succeeded, only those Services are recalculated and only their entries written
+    /// ([`Agent::sync_services`]); anything else, or a refusal, is a full sync.
+    async fn sync(&mut self, changes: Changes, pending_since: Option<Instant>) {
+        let healthy = self
+            .status
+            .read()
+            .is_ok_and(|st| st.syncs > 0 && st.last_error.is_none());
+        // Many Services at once (a bulk load) are cheaper to recalculate together.
+        let few = changes.services.len() <= INCREMENTAL_MAX_SERVICES;
+        if healthy
+            && !changes.other
+            && few
+            && self.sync_services(&changes.services, pending_since).await
+        {
+            return;
+        }
+        self.sync_dataplane(pending_since).await;
+    }
+
+    /// The incremental sync: the Services `names` recalculated alone, in the Service dataplane
+    /// in use (BPF NAT entries and/or kube-proxy's chains); routes, interfaces and the other
+    /// Services are not looked at. False when only a full sync can do it (nothing written, or
+    /// an error the full sync will retry and report).
+    async fn sync_services(
+        &mut self,
+        names: &BTreeSet<ServiceName>,
+        pending_since: Option<Instant>,
+    ) -> bool {
+        let started = Instant::now();
+        let revision = self.cache.revision;
+        let node = self.config.node.clone();
+        let (services, slices) = self.cache.services_and_slices_of(names);
+        let mut bpf_summary = String::new();
+        // Draining programs have no frontend: Services do not concern them.
+        if let Some(bpf) = self.bpf.as_mut().filter(|b| !b.draining()) {
+            match tokio::task::block_in_place(|| bpf.sync_services(names, &services, &slices)) {
+                Some(Ok(summary)) => bpf_summary = summary,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %format!("{e:#}"), "one-Service BPF sync failed; syncing fully");
+                    return false;
+                }
+                None => return false,
+            }
+        }
+        let bpf_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let proxy = match self.proxy.sync_services(&node, names, &services, &slices) {
+            Some(Ok(summary)) => summary,
+            Some(Err(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), "one-Service iptables sync failed; syncing fully");
+                return false;
+            }
+            None => return false,
+        };
+        self.health_checks.update(&proxy.health_checks).await;
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(
+            duration_ms = format!("{ms:.1}"),
+            bpf_ms = format!("{bpf_ms:.1}"),
+            waited_ms = waited_ms(pending_since, started),
+            revision,
+            changed_services = names.len(),
+            rules = %proxy.description,
+            bpf = %bpf_summary,
+            "dataplane sync (changed Services only)"
+        );
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let services = self.cache.service_count();
+        let snapshot = {
+            let Ok(mut st) = self.status.write() else {
+                return true;
+            };
+            st.syncs += 1;
+            st.synced_revision = revision;
+            st.last_sync_time = Some(now);
+            st.last_sync_duration_ms = Some(ms);
+            st.last_error = None;
+            st.services = services;
+            st.clone()
+        };
+        if let Some(path) = &self.config.status_file {
+            write_status_file(path, &snapshot);
+        }
+        true
+    }
+
     /// Computes the desired dataplane from the copy and applies the difference. Failures are
     /// logged and reported, and retried at the next sync; the previous state stays in place.
-    async fn sync_dataplane(&mut self) {
+    async fn sync_dataplane(&mut self, pending_since: Option<Instant>) {
         let started = Instant::now();
         let revision = self.cache.revision;
         let node = self.config.node.clone();
@@ -343,6 +458,7 @@ impl Agent {
         if let Some(m) = wg.message {
             message = Some(message.map_or(m.clone(), |prev| format!("{prev}; {m}")));
         }
+        let network_ms = started.elapsed().as_secs_f64() * 1000.0;
         let services = self.cache.services();
         let slices = self.cache.endpoint_slices();
         let pools = self.cache.pools();
@@ -509,6 +625,8 @@ impl Agent {
         match &error {
             None => tracing::info!(
                 duration_ms = format!("{ms:.1}"),
+                network_ms = format!("{network_ms:.1}"),
+                waited_ms = waited_ms(pending_since, started),
                 revision,
                 services = services.len(),
                 routes = routes.len(),
@@ -731,6 +849,13 @@ impl Agent {
             Err(e) => tracing::warn!(error = %e, "cannot update the Node status"),
         }
     }
+}
+
+/// How long the oldest change a sync programs waited for it, in ms ("-" for none).
+fn waited_ms(pending_since: Option<Instant>, started: Instant) -> String {
+    pending_since.map_or("-".to_owned(), |t| {
+        format!("{:.1}", started.duration_since(t).as_secs_f64() * 1000.0)
+    })
 }
 
 fn strip_nulls(mut v: serde_json::Value) -> serde_json::Value {

@@ -25,7 +25,7 @@ use margay_bpf::maps::routes::{
 };
 use margay_bpf::{CgroupProgram, Config, Dataplane, TcLinkKind, TcMode, TcProgram};
 use margay_calc::NodeContext;
-use margay_dataplane::bpf::{BpfNatDriver, Timeouts, map_sizes};
+use margay_dataplane::bpf::{BpfNatDriver, ServicesSync, Timeouts, map_sizes};
 
 use crate::wireguard::BpfPath;
 
@@ -70,6 +70,9 @@ pub struct BpfDataplane {
     /// How TC programs attach: TCX where the kernel has it (clsact otherwise), or as
     /// [`TC_ATTACH_ENV`] forces.
     tc_mode: TcMode,
+    /// The node as the last full sync saw it, for one-Service syncs; `None` until a full sync
+    /// has succeeded (and after a failed one, and while draining).
+    context: Option<NodeContext>,
 }
 
 /// Test-only: `MARGAY_BPF_TC_ATTACH=clsact` (or `tcx`) forces how the agent attaches its TC
@@ -229,6 +232,7 @@ impl BpfDataplane {
             draining: None,
             took_over: false,
             tc_mode,
+            context: None,
         };
         bpf.set_debug_log(felix)?;
         bpf.attach_cgroups()?;
@@ -301,6 +305,7 @@ impl BpfDataplane {
             node_ips: node_ips.to_vec(),
             cluster_cidrs: pools.to_vec(),
         };
+        self.context = None;
         self.driver
             .sync(&[], &[], &context)
             .context("cannot remove the NAT frontends")?;
@@ -605,6 +610,7 @@ impl BpfDataplane {
             node_ips: node_ips.to_vec(),
             cluster_cidrs: pools.to_vec(),
         };
+        self.context = None;
         let desired = self.driver.desired(services, slices, &context);
         // Taking over from iptables: the UDP flows its rules NATed keep their backends. Once
         // before the frontends are written (from then on new flows are the programs'), and once
@@ -615,6 +621,7 @@ impl BpfDataplane {
             seeded.push(self.seed_kernel_udp_flows(&desired));
         }
         let report = self.driver.apply(&desired)?;
+        self.context = Some(context);
         if seed_kernel_flows {
             seeded.push(self.seed_kernel_udp_flows(&desired));
             self.took_over = true;
@@ -693,6 +700,39 @@ impl BpfDataplane {
                 tracing::warn!(error = %e, "cannot hand the kernel's UDP NAT flows to BPF conntrack");
             })
             .ok()
+    }
+
+    /// Writes the NAT entries of the Services `names` alone (`services`: those of them that
+    /// exist, `slices`: every EndpointSlice naming one of them), without looking at
+    /// interfaces, routes or the other Services. `None` when only a full [`Self::sync`] can do
+    /// it (none has succeeded yet, the programs are draining, or the driver refuses: see
+    /// `BpfNatDriver::sync_services`); nothing is written then.
+    pub fn sync_services(
+        &mut self,
+        names: &BTreeSet<margay_calc::kube_proxy::ServiceName>,
+        services: &[Service],
+        slices: &[EndpointSlice],
+    ) -> Option<Result<String>> {
+        if self.draining.is_some() {
+            return None;
+        }
+        let context = self.context.clone()?;
+        let names: Vec<_> = names.iter().cloned().collect();
+        let report = match self
+            .driver
+            .sync_services(&names, services, slices, &context)
+        {
+            Ok(ServicesSync::Applied(report)) => report,
+            Ok(ServicesSync::NeedsFull(why)) => {
+                tracing::info!(reason = %why, "a full sync instead of a one-Service sync");
+                return None;
+            }
+            Err(e) => {
+                self.context = None;
+                return Some(Err(e.into()));
+            }
+        };
+        Some(Ok(format!("NAT for {} Services {report:?}", names.len())))
     }
 
     /// Writes `mg_ifstate` by difference: one entry per interface our programs are attached to

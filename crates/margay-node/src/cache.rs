@@ -1,7 +1,7 @@
 //! The agent's copy of the datastore, kept by the sync stream, with typed views of what the
 //! dataplane calculation needs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -10,6 +10,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use margay_api::calico::FelixConfigurationSpec;
 use margay_api::operator::LinuxDataplane;
 use margay_api::{Kind, Resource};
+use margay_calc::kube_proxy::ServiceName;
+use margay_calc::scenario::slice_service;
 use margay_datastore::{Key, Stored};
 use serde_json::Value;
 
@@ -30,8 +32,27 @@ pub const KINDS: [Kind; 9] = [
 #[derive(Debug, Default)]
 pub struct Cache {
     objects: BTreeMap<Key, Stored>,
+    /// Services and EndpointSlices, parsed once when they arrive (a sync at 10,000 Services
+    /// would otherwise spend most of its time turning JSON into them again).
+    services: BTreeMap<ServiceName, Service>,
+    slices: BTreeMap<Key, EndpointSlice>,
+    /// The slices naming each Service, so that one Service's slices are found without
+    /// looking at every slice.
+    slices_by_service: BTreeMap<ServiceName, BTreeSet<Key>>,
     /// The store revision this copy reflects (from the sync stream's progress reports).
     pub revision: u64,
+    /// What changed since [`Cache::take_changes`] was last called.
+    changes: Changes,
+}
+
+/// What changed in the copy since the last dataplane sync took the changes.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// Something other than Services and EndpointSlices changed: only a full sync covers it.
+    pub other: bool,
+    /// The Services whose object or EndpointSlices changed (a slice moved between Services
+    /// names both).
+    pub services: BTreeSet<ServiceName>,
 }
 
 impl Cache {
@@ -45,12 +66,111 @@ impl Cache {
             }
             _ => true,
         };
+        // A change nothing reads (a Node's dataplane report) is not a change to program.
+        if relevant {
+            self.track(&stored.key);
+        }
+        match stored.key.kind {
+            Kind::Service => match serde_json::from_value::<Service>(stored.value.clone()) {
+                Ok(svc) => {
+                    self.services.insert(key_name(&stored.key), svc);
+                }
+                Err(e) => {
+                    tracing::warn!(key = %stored.key, error = %e, "cannot read the Service; ignoring it");
+                    self.services.remove(&key_name(&stored.key));
+                }
+            },
+            Kind::EndpointSlice => {
+                match serde_json::from_value::<EndpointSlice>(stored.value.clone()) {
+                    Ok(slice) => {
+                        self.unindex_slice(&stored.key);
+                        if let Some(name) = slice_service(&slice) {
+                            self.changes.services.insert(name.clone());
+                            self.slices_by_service
+                                .entry(name)
+                                .or_default()
+                                .insert(stored.key.clone());
+                        }
+                        self.slices.insert(stored.key.clone(), slice);
+                    }
+                    Err(e) => {
+                        tracing::warn!(key = %stored.key, error = %e, "cannot read the EndpointSlice; ignoring it");
+                        self.unindex_slice(&stored.key);
+                        self.slices.remove(&stored.key);
+                    }
+                }
+            }
+            _ => {}
+        }
         self.objects.insert(stored.key.clone(), stored);
         relevant
     }
 
     pub fn remove(&mut self, key: &Key) {
+        self.track(key);
+        match key.kind {
+            Kind::Service => {
+                self.services.remove(&key_name(key));
+            }
+            Kind::EndpointSlice => {
+                self.unindex_slice(key);
+                self.slices.remove(key);
+            }
+            _ => {}
+        }
         self.objects.remove(key);
+    }
+
+    /// Forgets which Service the slice `key` named.
+    fn unindex_slice(&mut self, key: &Key) {
+        let Some(name) = self.slices.get(key).and_then(slice_service) else {
+            return;
+        };
+        if let Some(keys) = self.slices_by_service.get_mut(&name) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.slices_by_service.remove(&name);
+            }
+        }
+    }
+
+    /// Records what a change of `key` affects, before the change (a slice's old Service).
+    fn track(&mut self, key: &Key) {
+        match key.kind {
+            Kind::Service => {
+                self.changes.services.insert(key_name(key));
+            }
+            Kind::EndpointSlice => {
+                if let Some(name) = self.slices.get(key).and_then(slice_service) {
+                    self.changes.services.insert(name);
+                }
+            }
+            _ => self.changes.other = true,
+        }
+    }
+
+    /// What changed since the last call (and forgets it).
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// The current Service objects of `names` (those that exist) and every EndpointSlice that
+    /// names one of them.
+    pub fn services_and_slices_of(
+        &self,
+        names: &BTreeSet<ServiceName>,
+    ) -> (Vec<Service>, Vec<EndpointSlice>) {
+        let services = names
+            .iter()
+            .filter_map(|n| self.services.get(n).cloned())
+            .collect();
+        let slices = names
+            .iter()
+            .filter_map(|n| self.slices_by_service.get(n))
+            .flatten()
+            .filter_map(|key| self.slices.get(key).cloned())
+            .collect();
+        (services, slices)
     }
 
     fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Stored> {
@@ -61,10 +181,12 @@ impl Cache {
         self.objects.get(key).map(|s| &s.value)
     }
 
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
     pub fn services(&self) -> Vec<Service> {
-        self.of_kind(Kind::Service)
-            .filter_map(|s| serde_json::from_value(s.value.clone()).ok())
-            .collect()
+        self.services.values().cloned().collect()
     }
 
     /// The hostPorts of the pods on `node`, or none when the Installation says
@@ -85,9 +207,7 @@ impl Cache {
     }
 
     pub fn endpoint_slices(&self) -> Vec<EndpointSlice> {
-        self.of_kind(Kind::EndpointSlice)
-            .filter_map(|s| serde_json::from_value(s.value.clone()).ok())
-            .collect()
+        self.slices.values().cloned().collect()
     }
 
     /// Every Node resource by name.
@@ -183,6 +303,16 @@ impl Cache {
             None => LinuxDataplane::Iptables,
         }
     }
+}
+
+/// A Service's (namespace, name) from its key.
+fn key_name(key: &Key) -> ServiceName {
+    (
+        key.namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned()),
+        key.name.clone(),
+    )
 }
 
 /// A Node's IPv4 address: the first IPv4 of `spec.addresses` (CalicoNodeIP first), else

@@ -3,7 +3,7 @@
 //! plus Calico's natOutgoing masquerade for pod pools and the health checks of
 //! externalTrafficPolicy Local Services.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use anyhow::Result;
@@ -11,7 +11,8 @@ use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use margay_api::calico::felix::IptablesBackend;
-use margay_calc::{NodeContext, kube_proxy_ruleset};
+use margay_calc::kube_proxy::{KubeProxyRules, ServiceName, Update};
+use margay_calc::{NodeContext, Ruleset};
 use margay_dataplane::iptables::{IptablesDriver, IptablesMode, SystemIptables};
 
 use crate::agent::ProxySummary;
@@ -23,6 +24,25 @@ pub struct ProxyDataplane {
     driver: IptablesDriver,
     /// The backend `driver` writes to, once `iptablesBackend` was resolved.
     mode: Option<IptablesMode>,
+    /// What the last full sync wrote, kept so that one Service's change is recalculated
+    /// alone ([`ProxyDataplane::sync_services`]); `None` before the first full sync and after
+    /// a failed sync.
+    last: Option<Written>,
+    /// The health checks of the last sync, by node port.
+    health_checks: BTreeMap<u16, ServiceHealth>,
+}
+
+/// The last full sync's shape.
+#[derive(Debug)]
+enum Written {
+    /// kube-proxy's rules, per Service, and the inputs of the rules that are not Services'.
+    Rules {
+        rules: KubeProxyRules,
+        pools: Vec<(Ipv4Net, bool)>,
+        host_ports: Vec<margay_calc::host_ports::HostPort>,
+    },
+    /// BPF mode with kube-proxy's rules removed: Services change no rule.
+    NatOutgoingOnly,
 }
 
 impl ProxyDataplane {
@@ -30,6 +50,8 @@ impl ProxyDataplane {
         ProxyDataplane {
             driver: IptablesDriver::new(),
             mode: None,
+            last: None,
+            health_checks: BTreeMap::new(),
         }
     }
 
@@ -57,9 +79,80 @@ impl ProxyDataplane {
             })?;
             tracing::info!(%wanted, backend = %mode, "iptables backend in use");
             self.driver = IptablesDriver::with_backend(SystemIptables::for_mode(mode));
+            self.last = None;
             self.mode = Some(mode);
         }
         Ok(mode)
+    }
+
+    /// Applies the change of the Services `names` alone: their rules are recalculated (the
+    /// others' are kept from the last sync), the ruleset reassembled and only the chains that
+    /// differ written (one iptables-restore). `services` holds those of them that exist,
+    /// `slices` every EndpointSlice naming one of them. `None` when only a full
+    /// [`ProxyDataplane::sync`] can do it (no full sync yet, the last sync failed, or the
+    /// change crosses kube-proxy's large-cluster threshold); nothing is written then.
+    pub fn sync_services(
+        &mut self,
+        node: &str,
+        names: &BTreeSet<ServiceName>,
+        services: &[Service],
+        slices: &[EndpointSlice],
+    ) -> Option<Result<ProxySummary>> {
+        let ruleset = match self.last.as_mut()? {
+            Written::NatOutgoingOnly => None,
+            Written::Rules {
+                rules,
+                pools,
+                host_ports,
+            } => {
+                // In place: a refusal part-way leaves `last` unusable, so it is dropped below
+                // and the full sync that follows starts afresh.
+                let by_name: BTreeMap<ServiceName, &Service> = services
+                    .iter()
+                    .map(|s| (margay_calc::scenario::service_name(s), s))
+                    .collect();
+                let refused = names.iter().any(|name| {
+                    let own: Vec<EndpointSlice> = slices
+                        .iter()
+                        .filter(|s| margay_calc::scenario::slice_service(s).as_ref() == Some(name))
+                        .cloned()
+                        .collect();
+                    rules.update(name, by_name.get(name).copied(), &own) == Update::NeedsFull
+                });
+                if refused {
+                    None
+                } else {
+                    Some(assemble(rules, pools, host_ports))
+                }
+            }
+        };
+        let description = match (ruleset, &self.last) {
+            (None, Some(Written::NatOutgoingOnly)) => {
+                "kube-proxy rules removed; no rule to change".to_owned()
+            }
+            (None, _) => {
+                self.last = None;
+                return None;
+            }
+            (Some(ruleset), _) => {
+                match tokio::task::block_in_place(|| self.driver.sync(&ruleset)) {
+                    Ok(report) => describe(&ruleset, &report),
+                    Err(e) => {
+                        self.last = None;
+                        return Some(Err(e.into()));
+                    }
+                }
+            }
+        };
+        // Health checks: the changed Services' replace theirs.
+        self.health_checks
+            .retain(|_, h| !names.contains(&(h.namespace.clone(), h.name.clone())));
+        self.health_checks
+            .extend(health_checks(node, services, slices));
+        Some(Ok(ProxySummary {
+            description,
+            health_checks: self.health_checks.clone(),
+        }))
     }
 
     /// Computes the rules for the current Services and Endpoints and applies the difference.
@@ -82,25 +175,21 @@ impl ProxyDataplane {
             node_ips: node_ips.to_vec(),
             cluster_cidrs: pools.iter().map(|(net, _)| *net).collect(),
         };
-        let mut ruleset = kube_proxy_ruleset(services, slices, &context);
-        ruleset.add_nat_outgoing(pools);
-        ruleset.add_host_ports(host_ports);
-        ruleset.add_bpf_translated_accept();
+        self.last = None;
+        let rules = KubeProxyRules::full(services, slices, &context);
+        let ruleset = assemble(&rules, pools, host_ports);
         // iptables-restore is a blocking process; keep the runtime's other tasks (health
         // checks) running meanwhile.
         let report = tokio::task::block_in_place(|| self.driver.sync(&ruleset))?;
-        let description = format!(
-            "{} rules in {} chains; {} sync wrote {} chains ({} rules) in {:.1} ms",
-            ruleset.rule_count(),
-            ruleset.chain_count(),
-            if report.full { "full" } else { "partial" },
-            report.chains_written,
-            report.rules_written,
-            report.duration.as_secs_f64() * 1000.0
-        );
+        self.last = Some(Written::Rules {
+            rules,
+            pools: pools.to_vec(),
+            host_ports: host_ports.to_vec(),
+        });
+        self.health_checks = health_checks(node, services, slices);
         Ok(ProxySummary {
-            description,
-            health_checks: health_checks(node, services, slices),
+            description: describe(&ruleset, &report),
+            health_checks: self.health_checks.clone(),
         })
     }
 
@@ -115,11 +204,14 @@ impl ProxyDataplane {
         slices: &[EndpointSlice],
         pools: &[(Ipv4Net, bool)],
     ) -> Result<ProxySummary> {
-        let mut ruleset = margay_calc::Ruleset::default();
+        self.last = None;
+        let mut ruleset = Ruleset::default();
         ruleset.add_nat_outgoing(pools);
         // Kept in BPF mode too, so that it is already there when kube-proxy's rules come back.
         ruleset.add_bpf_translated_accept();
         let report = tokio::task::block_in_place(|| self.driver.sync(&ruleset))?;
+        self.last = Some(Written::NatOutgoingOnly);
+        self.health_checks = health_checks(node, services, slices);
         Ok(ProxySummary {
             description: format!(
                 "kube-proxy rules removed, natOutgoing kept ({} rules); wrote {} chains, deleted {}",
@@ -128,15 +220,42 @@ impl ProxyDataplane {
                 report.chains_deleted
             ),
             // The agent still answers healthCheckNodePorts in BPF mode.
-            health_checks: health_checks(node, services, slices),
+            health_checks: self.health_checks.clone(),
         })
     }
 
     /// Removes every rule this dataplane owns.
     pub fn cleanup(&mut self) -> Result<()> {
+        self.last = None;
         self.driver.cleanup()?;
         Ok(())
     }
+}
+
+/// The node's whole ruleset: kube-proxy's rules plus the rules that do not come from Services.
+fn assemble(
+    rules: &KubeProxyRules,
+    pools: &[(Ipv4Net, bool)],
+    host_ports: &[margay_calc::host_ports::HostPort],
+) -> Ruleset {
+    let mut ruleset = rules.ruleset();
+    ruleset.add_nat_outgoing(pools);
+    ruleset.add_host_ports(host_ports);
+    ruleset.add_bpf_translated_accept();
+    ruleset
+}
+
+fn describe(ruleset: &Ruleset, report: &margay_dataplane::iptables::SyncReport) -> String {
+    format!(
+        "{} rules in {} chains; {} sync wrote {} chains ({} rules) in {:.1} ms (iptables-restore {:.1} ms)",
+        ruleset.rule_count(),
+        ruleset.chain_count(),
+        if report.full { "full" } else { "partial" },
+        report.chains_written,
+        report.rules_written,
+        report.duration.as_secs_f64() * 1000.0,
+        report.restore_duration.as_secs_f64() * 1000.0
+    )
 }
 
 /// kube-proxy serves a health check on each LoadBalancer Service with externalTrafficPolicy

@@ -117,3 +117,93 @@ fn build(services: Vec<NatService>, ids: &[Option<u32>]) -> NatModel {
     }
     model
 }
+
+/// One-Service updates: the entries the lists named by `replaced` hold in `current` (`old`) and
+/// the entries `lists` (their recalculation) should hold (`new`), ids kept by name as
+/// [`assign_ids`] keeps them, new names hashed past every id `current` uses. `old.diff(&new)` is
+/// then exactly what a full recalculation against `current` would write for these lists.
+///
+/// Refused (the caller recalculates everything) when the answer could depend on other lists:
+/// `current` records a frontend conflict, or a new frontend belongs to a list not replaced, or
+/// two new lists claim one frontend.
+pub fn replace_lists(
+    current: &NatModel,
+    replaced: &dyn Fn(&str) -> bool,
+    lists: Vec<NatService>,
+) -> Result<(NatModel, NatModel), String> {
+    if !current.conflicts.is_empty() {
+        return Err("the maps' model records a frontend conflict".to_owned());
+    }
+    let mut old = NatModel::default();
+    for (id, name) in &current.services {
+        if replaced(name) {
+            old.services.insert(*id, name.clone());
+        }
+    }
+    for (key, value) in &current.frontends {
+        if old.services.contains_key(&value.svc_id) {
+            old.frontends.insert(*key, *value);
+        }
+    }
+    for id in old.services.keys() {
+        for (ordinal, backend) in current.backends_of(*id) {
+            old.backends.insert(
+                BackendKey {
+                    svc_id: *id,
+                    ordinal,
+                },
+                *backend,
+            );
+        }
+    }
+
+    let by_name: HashMap<&str, u32> = old
+        .services
+        .iter()
+        .map(|(id, name)| (name.as_str(), *id))
+        .collect();
+    let mut taken: BTreeSet<u32> = BTreeSet::new();
+    let mut ids: Vec<Option<u32>> = vec![None; lists.len()];
+    for (i, list) in lists.iter().enumerate() {
+        if let Some(&id) = by_name.get(list.name.as_str())
+            && taken.insert(id)
+        {
+            ids[i] = Some(id);
+        }
+    }
+    let in_use = |id: u32| {
+        current.services.contains_key(&id)
+            || current.backends_of(id).next().is_some()
+            || current.frontends.values().any(|v| v.svc_id == id)
+    };
+    for (i, list) in lists.iter().enumerate() {
+        if ids[i].is_some() {
+            continue;
+        }
+        let mut id = service_id_hash(&list.name);
+        while id == 0 || taken.contains(&id) || in_use(id) {
+            id = id.wrapping_add(1);
+        }
+        taken.insert(id);
+        ids[i] = Some(id);
+    }
+    let new = build(lists, &ids);
+    if let Some(c) = new.conflicts.first() {
+        return Err(format!("a frontend conflict among the updated lists: {c}"));
+    }
+    for key in new.frontends.keys() {
+        if let Some(owner) = current.frontends.get(key)
+            && !old.services.contains_key(&owner.svc_id)
+        {
+            return Err(format!(
+                "{key} belongs to {} (id {}) as well",
+                current
+                    .services
+                    .get(&owner.svc_id)
+                    .map_or("another list", String::as_str),
+                owner.svc_id
+            ));
+        }
+    }
+    Ok((old, new))
+}

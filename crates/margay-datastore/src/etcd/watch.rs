@@ -199,6 +199,7 @@ impl Watcher {
             }
             return None;
         }
+        let mut held: Option<WatchEvent> = None;
         for event in events {
             let Some(kv) = event.kv() else { continue };
             let revision = match revision_from(kv.mod_revision()) {
@@ -223,6 +224,7 @@ impl Watcher {
                     revision,
                     key: stored.key,
                     value: stored.value,
+                    commit_complete: false,
                 }),
                 EtcdEventType::Delete => {
                     let last = match event.prev_kv() {
@@ -234,11 +236,34 @@ impl Watcher {
                         revision,
                         key,
                         value,
+                        commit_complete: false,
                     })
                 }
             };
-            let failed = mapped.is_err();
-            if tx.send(mapped).await.is_err() || failed {
+            let event = match mapped {
+                Ok(event) => event,
+                Err(e) => {
+                    if let Some(previous) = held.take() {
+                        let _ = tx.send(Ok(previous)).await;
+                    }
+                    let _ = tx.send(Err(e)).await;
+                    return Some(End::Done);
+                }
+            };
+            // Held back one event: etcd sends every event of a revision in one response, so
+            // the next event (or the end of the response) says whether it was its commit's last.
+            if let Some(mut previous) = held.replace(event) {
+                previous.commit_complete = held
+                    .as_ref()
+                    .is_some_and(|e| e.revision != previous.revision);
+                if tx.send(Ok(previous)).await.is_err() {
+                    return Some(End::Done);
+                }
+            }
+        }
+        if let Some(mut last) = held.take() {
+            last.commit_complete = true;
+            if tx.send(Ok(last)).await.is_err() {
                 return Some(End::Done);
             }
         }

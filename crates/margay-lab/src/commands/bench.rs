@@ -150,6 +150,14 @@ impl Plan {
                 packets: 20_000,
             }
         };
+        if let Some(samples) = args.endpoint_changes_only {
+            if !(1..=1000).contains(&samples) {
+                bail!("--endpoint-changes-only: {samples} is not a sample count from 1 to 1000");
+            }
+            plan.endpoint_changes = samples;
+            // The figure of issue 8's target, and the floor to compare it with.
+            plan.services = vec![1, 10_000];
+        }
         if let Some(list) = &args.services {
             plan.services = list
                 .split(',')
@@ -286,6 +294,9 @@ pub fn run(name: &str, args: &BenchArgs) -> Result<ExitCode> {
     bench.set_flip(srv_a)?;
     bench.wait_programmed()?;
     bench.tune_clients()?;
+    if args.endpoint_changes_only.is_some() {
+        return bench.endpoint_changes_only(&out, started, &load_before);
+    }
 
     let mut rows = Vec::new();
     let mut throughput = Vec::new();
@@ -457,6 +468,81 @@ impl Bench {
         let text = String::from_utf8_lossy(&out.stdout);
         serde_json::from_str(text.trim())
             .with_context(|| format!("load {mode} to {target} printed {text:?}"))
+    }
+
+    /// `--endpoint-changes-only`: at each N, in both dataplanes (one switch per N, as the full
+    /// run), only the endpoint-change samples; a table of p50 / p99 / max and
+    /// `endpoint-changes.json`.
+    fn endpoint_changes_only(
+        &self,
+        out: &Path,
+        started: Instant,
+        load_before: &str,
+    ) -> Result<ExitCode> {
+        let mut rows = Vec::new();
+        let mut current = "Iptables";
+        for &n in &self.plan.services {
+            let order = if current == "Iptables" {
+                ["Iptables", "BPF"]
+            } else {
+                ["BPF", "Iptables"]
+            };
+            for mode in order {
+                if mode != current {
+                    self.switch_to(mode)?;
+                    current = mode;
+                }
+                eprintln!("bench: {n} Services, {mode}: endpoint changes");
+                let set = self.bulk_set(n);
+                let write_started = Instant::now();
+                let revision = self.rt.block_on(set.create(&self.cluster.client))?;
+                let programmed = wait_until_programmed(
+                    &self.cluster.lab,
+                    &self.nodes,
+                    revision,
+                    PROGRAM_TIMEOUT,
+                )?;
+                let samples = self.endpoint_changes()?;
+                let deleted = self
+                    .rt
+                    .block_on(ServiceSet::delete_all(&self.cluster.client, BULK_NS))?;
+                wait_until_programmed(&self.cluster.lab, &self.nodes, deleted, PROGRAM_TIMEOUT)?;
+                rows.push(json!({
+                    "services": n,
+                    "mode": mode,
+                    "programming_s": (programmed - write_started).as_secs_f64(),
+                    "endpoint_change_ms": samples,
+                }));
+            }
+        }
+        if current != "Iptables" {
+            self.switch_to("Iptables")?;
+        }
+        let results = json!({
+            "date": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            "machine": machine(load_before),
+            "endpoint_changes": self.plan.endpoint_changes,
+            "rows": rows,
+            "run_seconds": started.elapsed().as_secs_f64(),
+        });
+        let path = out.join("endpoint-changes.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&results)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("{}", report::endpoint_change_table(&results));
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// The N extra Services of one cell.
+    fn bulk_set(&self, n: usize) -> ServiceSet {
+        ServiceSet {
+            namespace: BULK_NS.to_owned(),
+            prefix: "x".to_owned(),
+            count: n,
+            port: 80,
+            target_port: SERVER_PORT,
+            // Real endpoints (the benchmark's servers), so every extra Service is a working one.
+            endpoints: vec![self.srv_a, self.srv_b],
+        }
     }
 
     fn measure_at(&self, n: usize, mode: &str) -> Result<Value> {

@@ -556,6 +556,44 @@ pub fn parse_bench_rows(text: &str) -> Value {
     Value::Array(rows)
 }
 
+/// The table `margay-lab bench --endpoint-changes-only` prints: per N and dataplane, the
+/// endpoint-change latency's p50 / p99 / max over the run's samples, and every sample.
+pub fn endpoint_change_table(results: &Value) -> String {
+    let mut md = String::new();
+    let m = &results["machine"];
+    let _ = writeln!(
+        md,
+        "Endpoint changes of {} ({} build, load average {} before, {} after), {} samples per cell: \
+         ms from the EndpointSlice write returning to the first answer from the new backend.\n",
+        results["date"].as_str().unwrap_or("?"),
+        m["build"].as_str().unwrap_or("?"),
+        m["loadavg_before"].as_str().unwrap_or("?"),
+        m["loadavg_after"].as_str().unwrap_or("?"),
+        results["endpoint_changes"],
+    );
+    md.push_str(
+        "| Services | dataplane | programming s | p50 ms | p99 ms | max ms | samples ms |\n",
+    );
+    md.push_str("|---:|---|---:|---:|---:|---:|---|\n");
+    for r in rows(results) {
+        let c = changes(r);
+        let max = c.iter().copied().fold(f64::NAN, f64::max);
+        let all: Vec<String> = c.iter().map(|v| format!("{v:.1}")).collect();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+            r["services"],
+            r["mode"].as_str().unwrap_or("?"),
+            f(&r["programming_s"]),
+            percentile(&c, 0.5),
+            percentile(&c, 0.99),
+            max,
+            all.join(" ")
+        );
+    }
+    md
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
