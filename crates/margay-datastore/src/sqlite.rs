@@ -15,6 +15,11 @@
 //! `PRAGMA data_version` (a cheap in-memory check that changes whenever any other connection
 //! commits) every [`SqliteOptions::poll_interval`] and only then reads new events. Polling is
 //! what makes commits by *other processes* visible; SQLite has no cross-process notification.
+//! To see a commit sooner than the next poll, a watch also listens with inotify for writes to
+//! the database's files ([`CommitSignal`]) and, after one, checks every [`EAGER_STEP`] for a
+//! while: a commit writes its WAL frames, syncs them, and only then becomes visible, so the
+//! write itself announces a commit a little before it can be read. The poll stays the bound
+//! (inotify says nothing of writes made on another machine's mount of a network filesystem).
 //!
 //! The file holds cluster configuration and secrets-adjacent data, so it is created with mode
 //! 0600 in a directory created with mode 0700; SQLite gives its `-wal` and `-shm` files the mode
@@ -23,6 +28,8 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::fs::{DirBuilder, OpenOptions};
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -33,6 +40,8 @@ use margay_api::Kind;
 use rusqlite::{
     Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
 };
+use rustix::event::{PollFd, PollFlags};
+use rustix::fs::inotify;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -84,6 +93,12 @@ const WATCH_BATCH: usize = 1000;
 
 /// How many events a watch may have read ahead of its consumer before the poller waits.
 const WATCH_BUFFER: usize = 256;
+
+/// After a write to the database's files, how often a watch checks for the commit it announces,
+/// and for how long: a commit is visible once its WAL frames are synced, which takes an fsync
+/// (a few ms, more on a loaded disk) after the write.
+const EAGER_STEP: Duration = Duration::from_micros(500);
+const EAGER_WINDOW: Duration = Duration::from_millis(200);
 
 /// Tunables of [`SqliteDatastore`]; the defaults suit production.
 #[derive(Clone, Debug)]
@@ -845,8 +860,10 @@ impl Datastore for SqliteDatastore {
             .await
             .map_err(|e| Error::Unavailable(format!("the datastore task failed: {e}")))??;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let signal = CommitSignal::open(&self.inner.path);
         let poller = Poller {
             conn,
+            signal,
             interval: self.inner.options.poll_interval,
             tx,
             position: Position {
@@ -912,9 +929,73 @@ impl Position {
     }
 }
 
+/// Wakes a watch when the database's files are written (the main file, its `-wal` or
+/// `-journal`), whichever process writes them: an inotify watch on their directory, which
+/// outlives the `-wal` file being removed and created again.
+struct CommitSignal {
+    fd: OwnedFd,
+    /// The database file's name; events about other files of the directory are ignored.
+    name: Vec<u8>,
+    buf: Vec<MaybeUninit<u8>>,
+}
+
+impl CommitSignal {
+    /// None when inotify cannot watch the directory (too many watches, say): the watch then
+    /// relies on its poll alone, which the log says.
+    fn open(db: &Path) -> Option<CommitSignal> {
+        let (Some(dir), Some(name)) = (db.parent(), db.file_name()) else {
+            return None;
+        };
+        let watch = || -> rustix::io::Result<OwnedFd> {
+            let fd = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)?;
+            inotify::add_watch(&fd, dir, inotify::WatchFlags::MODIFY)?;
+            Ok(fd)
+        };
+        match watch() {
+            Ok(fd) => Some(CommitSignal {
+                fd,
+                name: name.as_encoded_bytes().to_vec(),
+                buf: vec![MaybeUninit::uninit(); 4096],
+            }),
+            Err(e) => {
+                tracing::info!(directory = %dir.display(), error = %e, "cannot watch the datastore's directory with inotify; watches see commits by polling alone");
+                None
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for a write to the database's files; true if one came.
+    fn wait(&mut self, timeout: Duration) -> bool {
+        let timespec = rustix::event::Timespec {
+            tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        };
+        let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
+        match rustix::event::poll(&mut fds, Some(&timespec)) {
+            Ok(0) => false,
+            Ok(_) => self.drain(),
+            // EINTR and the like: the caller checks the store anyway.
+            Err(_) => false,
+        }
+    }
+
+    /// Reads every pending event; true if one was about the database's files.
+    fn drain(&mut self) -> bool {
+        let mut ours = false;
+        let mut reader = inotify::Reader::new(&self.fd, &mut self.buf);
+        while let Ok(event) = reader.next() {
+            ours |= event
+                .file_name()
+                .is_some_and(|n| n.to_bytes().starts_with(&self.name));
+        }
+        ours
+    }
+}
+
 /// The thread behind one watch.
 struct Poller {
     conn: Connection,
+    signal: Option<CommitSignal>,
     interval: Duration,
     tx: mpsc::Sender<Result<WatchEvent, Error>>,
     position: Position,
@@ -924,6 +1005,8 @@ impl Poller {
     /// Delivers events until the stream is dropped or an error ends it.
     fn run(mut self) {
         let mut seen_version = None;
+        // Until when to check every EAGER_STEP: a write was seen, its commit may not be yet.
+        let mut eager_until: Option<Instant> = None;
         loop {
             if self.tx.is_closed() {
                 return;
@@ -936,12 +1019,26 @@ impl Poller {
                 Ok(version) if seen_version == Some(version) => {}
                 Ok(version) => {
                     seen_version = Some(version);
+                    eager_until = None;
                     if !self.drain() {
                         return;
                     }
                 }
             }
-            std::thread::sleep(self.interval);
+            let pause = match eager_until {
+                Some(until) if Instant::now() < until => EAGER_STEP.min(self.interval),
+                _ => self.interval,
+            };
+            let written = match &mut self.signal {
+                Some(signal) => signal.wait(pause),
+                None => {
+                    std::thread::sleep(pause);
+                    false
+                }
+            };
+            if written {
+                eager_until = Some(Instant::now() + EAGER_WINDOW);
+            }
         }
     }
 

@@ -398,3 +398,39 @@ async fn many_processes_increment_one_counter() {
         assert_eq!(event.value["data"]["count"], json!(expected.to_string()));
     }
 }
+
+/// A watch sees another handle's commit when it is made, not at its next poll: with a poll
+/// interval of ten minutes, each event still arrives within seconds (the inotify wake on the
+/// write to the `-wal` file and the checks that follow it until the commit is visible).
+#[tokio::test]
+async fn a_watch_wakes_on_a_commit_without_waiting_for_its_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("margay.db");
+    let slow = SqliteOptions {
+        poll_interval: Duration::from_secs(600),
+        ..SqliteOptions::default()
+    };
+    let watcher = SqliteDatastore::open_with(&path, slow).unwrap();
+    let writer = SqliteDatastore::open(&path).unwrap();
+    let from = watcher.revision().await.unwrap();
+    let mut watch = watcher.watch(from).await.unwrap();
+    // Let the poller make its first check and settle into its wait.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..5 {
+        let name = format!("wake-{i}");
+        writer.commit(vec![create(&name)]).await.unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(30), watch.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("commit {i}: no event within 30 s, with a poll every 600 s: the watch did not wake on the write")
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (event.event_type, event.key.name.as_str()),
+            (EventType::Added, name.as_str())
+        );
+        // A quiet spell, so that the next commit finds the poller waiting, not checking.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
