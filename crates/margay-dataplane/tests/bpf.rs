@@ -1181,3 +1181,75 @@ fn one_service_at_a_time_equals_a_full_sync() {
         "most steps are incremental ({incremental})"
     );
 }
+
+/// The conntrack cleanup removes a finished flow's pair while a new flow from the same client
+/// tuple, through another frontend to the same backend, has taken its reverse entry over (the
+/// bench's NodePort and LoadBalancer rounds share the external client's ports): the new flow's
+/// entries stay, else its replies would go untranslated and the client time out.
+#[test]
+fn removing_a_finished_pair_spares_the_reverse_entry_a_new_flow_took_over() {
+    if !privileged("removing_a_finished_pair_spares_the_reverse_entry_a_new_flow_took_over") {
+        return;
+    }
+    let mut node = Node::new();
+    node.sync(&scenario(BASE));
+    let now = monotonic_now_ns();
+    let client = (CLIENT_POD, 51000);
+    let pair = |front: (Ipv4Addr, u16), created: u64, tcp: u8| {
+        let (fk, fb) = CtKey::new(Protocol::Tcp, client, front);
+        let (rk, rb) = CtKey::new(Protocol::Tcp, client, LOCAL_BE);
+        let fwd = CtValue {
+            created_ns: created,
+            last_seen_ns: created,
+            kind: CtType::NatForward as u8,
+            flags: u8::from(fb),
+            tcp_a: tcp,
+            tcp_b: tcp,
+            svc_id: 1,
+            peer: rk,
+            nat_addr: be_addr(LOCAL_BE.0),
+            nat_port: be_port(LOCAL_BE.1),
+            ..CtValue::default()
+        };
+        let rev = CtValue {
+            kind: CtType::NatReverse as u8,
+            flags: u8::from(rb),
+            peer: fk,
+            nat_addr: be_addr(front.0),
+            nat_port: be_port(front.1),
+            ..fwd
+        };
+        (fk, fwd, rk, rev)
+    };
+    // The old flow, finished (SYN, ACK, FIN from both sides) a minute ago, through one frontend.
+    let (old_fk, old_fwd, rk, old_rev) = pair(
+        (Ipv4Addr::new(10, 96, 0, 10), 80),
+        now - 60_000_000_000,
+        0x7,
+    );
+    // The new flow, through another frontend to the same backend: the same reverse key.
+    let (new_fk, new_fwd, new_rk, new_rev) = pair((Ipv4Addr::new(10, 96, 0, 11), 80), now, 0x1);
+    assert_eq!(rk, new_rk, "both flows share the reverse tuple");
+    let ct = &mut node.driver.maps_mut().conntrack;
+    ct.insert(&rk, &old_rev).expect("insert");
+    ct.insert(&old_fk, &old_fwd).expect("insert");
+    // The takeover, after the cleanup judged the old pair expired.
+    ct.insert(&rk, &new_rev).expect("insert");
+    ct.insert(&new_fk, &new_fwd).expect("insert");
+
+    ct.remove_pair(&old_fk).expect("remove pair");
+
+    assert!(
+        ct.get(&old_fk).expect("get").is_none(),
+        "the old forward entry is removed"
+    );
+    let reverse = ct
+        .get(&rk)
+        .expect("get")
+        .expect("the new flow's reverse entry stays");
+    assert_eq!(reverse.peer, new_fk, "and still points to the new flow");
+    assert!(
+        ct.get(&new_fk).expect("get").is_some(),
+        "the new forward entry stays"
+    );
+}

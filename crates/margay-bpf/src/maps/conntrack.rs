@@ -194,6 +194,13 @@ impl Conntrack {
     /// goes first: a client packet arriving in between then misses conntrack altogether (a new
     /// flow, or "fall through" for TCP) instead of being DNATed into a flow whose replies would
     /// no longer be translated back.
+    ///
+    /// The peer goes only while it still points back: a new flow may have taken it over (a SYN
+    /// reusing a finished flow's client tuple to the same backend through another frontend
+    /// rewrites the reverse entry to point to its own forward entry), and removing it then
+    /// would leave that live flow's replies untranslated. The check and the removal are two
+    /// syscalls (the map has no compare-and-delete), so the window is one syscall wide instead
+    /// of the whole cleanup decision.
     pub fn remove_pair(&mut self, key: &CtKey) -> Result<(), Error> {
         let Some(v) = self.get(key)? else {
             return Ok(());
@@ -201,13 +208,21 @@ impl Conntrack {
         match v.kind() {
             Some(CtType::NatForward) => {
                 self.remove(key)?;
-                self.remove(&v.peer)
+                self.remove_if_peer_of(&v.peer, key)
             }
             Some(CtType::NatReverse) => {
-                self.remove(&v.peer)?;
+                self.remove_if_peer_of(&v.peer, key)?;
                 self.remove(key)
             }
             _ => self.remove(key),
+        }
+    }
+
+    /// Removes `key` if its entry still names `peer` as its other half.
+    fn remove_if_peer_of(&mut self, key: &CtKey, peer: &CtKey) -> Result<(), Error> {
+        match self.get(key)? {
+            Some(v) if v.peer == *peer => self.remove(key),
+            _ => Ok(()),
         }
     }
 

@@ -364,7 +364,13 @@ pub fn cleanup(
         let Some(peer_val) = peer else {
             let young = Duration::from_nanos(now_ns.saturating_sub(val.created_ns))
                 < timeouts.creation_grace;
-            if !young && ct.get(&val.peer)?.is_none_or(|p| p.peer != *key) {
+            // Read both again before deleting: since the scan, the peer may have been written
+            // (a new flow writes its reverse entry first) or a new SYN may have taken the tuple
+            // over with a new peer; either makes the entry a live flow's.
+            let unchanged = ct
+                .get(key)?
+                .is_some_and(|now| now.peer == val.peer && now.created_ns == val.created_ns);
+            if !young && unchanged && ct.get(&val.peer)?.is_none_or(|p| p.peer != *key) {
                 ct.remove(key)?;
                 report.orphans += 1;
                 report.removed_entries += 1;
