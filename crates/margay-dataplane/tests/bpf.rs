@@ -553,30 +553,7 @@ fn conntrack_cleanup_removes_expired_orphaned_and_stale_flows() {
                            last: u64,
                            tcp: u8|
      -> (CtKey, CtKey) {
-        let (fk, fb) = CtKey::new(proto, client, front);
-        let (rk, rb) = CtKey::new(proto, client, back);
-        let fwd = CtValue {
-            created_ns: created,
-            last_seen_ns: last,
-            kind: CtType::NatForward as u8,
-            flags: u8::from(fb),
-            tcp_a: tcp,
-            tcp_b: tcp,
-            svc_id: 1,
-            peer: rk,
-            nat_addr: be_addr(back.0),
-            nat_port: be_port(back.1),
-            psnat_port: 0,
-            ..CtValue::default()
-        };
-        let rev = CtValue {
-            kind: CtType::NatReverse as u8,
-            flags: u8::from(rb),
-            peer: fk,
-            nat_addr: be_addr(front.0),
-            nat_port: be_port(front.1),
-            ..fwd
-        };
+        let (fk, fwd, rk, rev) = nat_pair(client, front, back, proto, created, last, tcp);
         let ct = &mut node.driver.maps_mut().conntrack;
         ct.insert(&rk, &rev).expect("insert");
         ct.insert(&fk, &fwd).expect("insert");
@@ -1196,30 +1173,15 @@ fn removing_a_finished_pair_spares_the_reverse_entry_a_new_flow_took_over() {
     let now = monotonic_now_ns();
     let client = (CLIENT_POD, 51000);
     let pair = |front: (Ipv4Addr, u16), created: u64, tcp: u8| {
-        let (fk, fb) = CtKey::new(Protocol::Tcp, client, front);
-        let (rk, rb) = CtKey::new(Protocol::Tcp, client, LOCAL_BE);
-        let fwd = CtValue {
-            created_ns: created,
-            last_seen_ns: created,
-            kind: CtType::NatForward as u8,
-            flags: u8::from(fb),
-            tcp_a: tcp,
-            tcp_b: tcp,
-            svc_id: 1,
-            peer: rk,
-            nat_addr: be_addr(LOCAL_BE.0),
-            nat_port: be_port(LOCAL_BE.1),
-            ..CtValue::default()
-        };
-        let rev = CtValue {
-            kind: CtType::NatReverse as u8,
-            flags: u8::from(rb),
-            peer: fk,
-            nat_addr: be_addr(front.0),
-            nat_port: be_port(front.1),
-            ..fwd
-        };
-        (fk, fwd, rk, rev)
+        nat_pair(
+            client,
+            front,
+            LOCAL_BE,
+            Protocol::Tcp,
+            created,
+            created,
+            tcp,
+        )
     };
     // The old flow, finished (SYN, ACK, FIN from both sides) a minute ago, through one frontend.
     let (old_fk, old_fwd, rk, old_rev) = pair(
@@ -1252,4 +1214,43 @@ fn removing_a_finished_pair_spares_the_reverse_entry_a_new_flow_took_over() {
         ct.get(&new_fk).expect("get").is_some(),
         "the new forward entry stays"
     );
+}
+
+/// A NAT flow's conntrack pair as the programs write it: the forward entry (client ->
+/// frontend, translated to the backend) and the reverse one (backend -> client), each naming
+/// the other as its peer; `tcp` is each leg's TCP flags.
+fn nat_pair(
+    client: (Ipv4Addr, u16),
+    front: (Ipv4Addr, u16),
+    back: (Ipv4Addr, u16),
+    proto: Protocol,
+    created: u64,
+    last: u64,
+    tcp: u8,
+) -> (CtKey, CtValue, CtKey, CtValue) {
+    let (fk, fb) = CtKey::new(proto, client, front);
+    let (rk, rb) = CtKey::new(proto, client, back);
+    let fwd = CtValue {
+        created_ns: created,
+        last_seen_ns: last,
+        kind: CtType::NatForward as u8,
+        flags: u8::from(fb),
+        tcp_a: tcp,
+        tcp_b: tcp,
+        svc_id: 1,
+        peer: rk,
+        nat_addr: be_addr(back.0),
+        nat_port: be_port(back.1),
+        psnat_port: 0,
+        ..CtValue::default()
+    };
+    let rev = CtValue {
+        kind: CtType::NatReverse as u8,
+        flags: u8::from(rb),
+        peer: fk,
+        nat_addr: be_addr(front.0),
+        nat_port: be_port(front.1),
+        ..fwd
+    };
+    (fk, fwd, rk, rev)
 }

@@ -966,12 +966,10 @@ impl CommitSignal {
 
     /// Waits up to `timeout` for a write to the database's files; true if one came.
     fn wait(&mut self, timeout: Duration) -> bool {
-        let timespec = rustix::event::Timespec {
-            tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
-            tv_nsec: i64::from(timeout.subsec_nanos()),
-        };
+        // A timeout too long for a timespec waits for a write alone.
+        let timespec = rustix::event::Timespec::try_from(timeout).ok();
         let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
-        match rustix::event::poll(&mut fds, Some(&timespec)) {
+        match rustix::event::poll(&mut fds, timespec.as_ref()) {
             Ok(0) => false,
             Ok(_) => self.drain(),
             // EINTR and the like: the caller checks the store anyway.
