@@ -4,8 +4,11 @@
 //! --one-socket`: one socket for every attempt, i.e. one UDP flow), and prints the server's
 //! answer (for `echo`: `<source-ip-it-saw>:<port> <name>`) as one line on stdout.
 //! A failed attempt prints one line on stderr, `<kind>: <what>: <why>`, kind being one of
-//! `refused`, `reset`, `timeout`, `dns`, `error`. With `--count N` every attempt is made, and the
-//! exit code is the first failure's:
+//! `refused`, `reset`, `timeout`, `dns`, `error`; a TCP probe that connected names its local
+//! address (`read from 10.0.0.1:80 (local 203.0.113.10:41234)`), and with `--count` above 1 the
+//! line ends with `(attempt K of N, started S s in)`, to find the flow in a capture and place it
+//! against what happened meanwhile. With `--count N` every attempt is made, and the exit code is
+//! the first failure's:
 //!
 //! | exit | meaning |
 //! |---|---|
@@ -81,22 +84,35 @@ fn usage<T>(parsed: Result<T, String>) -> Option<T> {
 }
 
 /// Makes `--count` attempts, `--interval` apart; prints answers on stdout and failures on
-/// stderr as they come; exits with the first failure's code.
+/// stderr as they come; exits with the first failure's code. With more than one attempt a
+/// failure says which attempt it was and when it started, to place it against what happened
+/// meanwhile (a dataplane switch, a rollout).
 async fn repeat<F, Fut>(common: &ProbeCommon, mut attempt: F) -> ExitCode
 where
     F: FnMut(Duration) -> Fut,
     Fut: Future<Output = Result<String, Failure>>,
 {
     let mut first_failure: Option<FailureKind> = None;
+    let started = tokio::time::Instant::now();
     for i in 0..common.count {
         if i > 0 && !common.interval.is_zero() {
             tokio::time::sleep(common.interval).await;
         }
+        let attempt_started = started.elapsed();
         match attempt(common.timeout).await {
             Ok(answer) => {
                 let mut out = std::io::stdout().lock();
                 let _ = writeln!(out, "{answer}");
                 let _ = out.flush();
+            }
+            Err(failure) if common.count > 1 => {
+                eprintln!(
+                    "{failure} (attempt {} of {}, started {:.3} s in)",
+                    i + 1,
+                    common.count,
+                    attempt_started.as_secs_f64()
+                );
+                first_failure.get_or_insert(failure.kind);
             }
             Err(failure) => {
                 eprintln!("{failure}");
@@ -123,7 +139,11 @@ pub async fn tcp(host: &str, port: u16, timeout: Duration) -> Result<String, Fai
     let remote = stream
         .peer_addr()
         .map_or_else(|_| format!("{host}:{port}"), |a| a.to_string());
-    let what = format!("read from {remote}");
+    // The local address names the flow (for a capture or a conntrack dump when it fails).
+    let local = stream
+        .local_addr()
+        .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+    let what = format!("read from {remote} (local {local})");
     let mut received = Vec::new();
     let mut buf = [0u8; 4096];
     loop {

@@ -452,6 +452,29 @@ fn probe_exits_4_on_timeout() {
         assert!(stderr.starts_with("timeout: "), "{args:?}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
         assert!(started.elapsed() < Duration::from_secs(5), "{args:?}");
+        // A TCP probe that connected names its flow, to find it in a capture.
+        if args[0] == "tcp" {
+            assert!(stderr.contains("(local 127.0.0.1:"), "{stderr}");
+        }
+    }
+}
+
+#[test]
+fn probe_count_says_which_attempt_failed_and_when() {
+    let tcp = closed_tcp_port().to_string();
+    let out = probe(&["tcp", &tcp, "--count", "2", "--interval", "10ms"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    for (n, line) in lines.iter().enumerate() {
+        assert!(line.starts_with("refused: "), "{line}");
+        let suffix = Regex::new(&format!(
+            r" \(attempt {} of 2, started \d+\.\d{{3}} s in\)$",
+            n + 1
+        ))
+        .unwrap();
+        assert!(suffix.is_match(line), "{line}");
     }
 }
 

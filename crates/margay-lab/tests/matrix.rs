@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use common::matrix::{Dataplane, matrix_lab, run_matrix};
-use common::{CLIENT, From, NODE_1, NODE_2, TestLab, WORKLOADS, peer, skip_unless_root};
+use common::{CLIENT, Capture, From, NODE_1, NODE_2, TestLab, WORKLOADS, peer, skip_unless_root};
 
 #[test]
 fn iptables_connectivity_matrix() {
@@ -348,13 +348,24 @@ fn switching_dataplanes_live_drops_no_request_and_no_connection() {
         lab.jsonpath(&["svc", "keep-lb", "-n", "matrix"], "{.spec.clusterIP}")
     );
     let target = format!("{lb}:80");
+    // Every TCP packet on node-1 (the LoadBalancer's node and the backends') and on the client,
+    // so that a failed request prints its own packets, hop by hop.
+    let captures = [
+        ("node-1", Capture::start(&lab, "node-1", "tcp")),
+        ("client", Capture::start(&lab, "client", "tcp")),
+    ];
+    let started = std::time::Instant::now();
+    let mut timeline: Vec<(String, f64)> = Vec::new();
     // A steady stream of new connections from the external client while the cluster switches
-    // Iptables -> BPF -> Iptables through the Installation, as the seed does.
+    // Iptables -> BPF -> Iptables through the Installation, as the seed does. Each gets 3 s:
+    // a flow a switch breaks never answers (the handshake's resent packets meet the same fate),
+    // while a packet lost once costs TCP a second to resend it; those are counted and printed
+    // with their packets below (connections whose handshake was resent).
     let stream = Command::new(lab.bin_dir.join("margay-lab"))
         .args([
             "--name", &lab.name, "client", "--", &app, "probe", "tcp", &target,
         ])
-        .args(["--count", "300", "--interval", "20ms", "--timeout", "1s"])
+        .args(["--count", "300", "--interval", "20ms", "--timeout", "3s"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -398,8 +409,11 @@ fn switching_dataplanes_live_drops_no_request_and_no_connection() {
         }
     };
     std::thread::sleep(std::time::Duration::from_millis(1500));
+    let mut mark = |what: &str| timeline.push((what.to_owned(), started.elapsed().as_secs_f64()));
+    mark("BPF requested");
     switch("BPF");
     wait_for("BPF");
+    mark("every node in BPF");
     // Connections opened in BPF mode, kept alive across the switch back.
     let from_bpf = [
         (
@@ -412,9 +426,12 @@ fn switching_dataplanes_live_drops_no_request_and_no_connection() {
         ),
     ];
     std::thread::sleep(std::time::Duration::from_millis(1500));
+    mark("Iptables requested");
     switch("Iptables");
     wait_for("Iptables");
+    mark("every node in Iptables");
     let out = stream.wait_with_output().expect("stream");
+    mark("stream ended");
     let answers = String::from_utf8_lossy(&out.stdout);
     let failures = String::from_utf8_lossy(&out.stderr);
     let ok = answers.lines().count();
@@ -423,6 +440,44 @@ fn switching_dataplanes_live_drops_no_request_and_no_connection() {
     println!(
         "new connections during the switches: {ok} answered, {failed} failed; sources seen {sources:?}"
     );
+    let timeline: Vec<String> = timeline
+        .iter()
+        .map(|(what, at)| format!("{what} {at:.3} s"))
+        .collect();
+    println!("timeline after the stream started: {}", timeline.join(", "));
+    // A failed attempt names its flow ("(local 203.0.113.10:PORT)"); a connection whose
+    // handshake TCP had to resend lost a packet somewhere, even if it answered in time. The
+    // packets of each, on the client and on node-1.
+    let mut flows: Vec<(String, u16)> = failures
+        .lines()
+        .filter_map(|line| {
+            let port = line
+                .split("(local ")
+                .nth(1)?
+                .split([')', ' '])
+                .next()?
+                .rsplit_once(':')?
+                .1
+                .parse()
+                .ok()?;
+            Some((format!("failed: {line}"), port))
+        })
+        .collect();
+    let resent = captures[1].1.resent_handshakes(&lb);
+    println!(
+        "connections to {lb} whose handshake was resent: {} {resent:?}",
+        resent.len()
+    );
+    flows.extend(
+        resent
+            .iter()
+            .map(|port| (format!("handshake resent, port {port}"), *port)),
+    );
+    for (what, port) in &flows {
+        for (role, capture) in &captures {
+            println!("packets on {role} ({what}):\n{}", capture.flow(*port));
+        }
+    }
     let mut problems = Vec::new();
     for (what, child) in from_iptables.into_iter().chain(from_bpf) {
         let (answered, connects, failed, seen) = kept_alive_result(child);

@@ -209,6 +209,135 @@ impl Drop for TestLab {
     }
 }
 
+/// A packet capture (`tcpdump -i any`) in one of a lab's namespaces, written to a file of its
+/// own and stopped and removed on drop. For diagnosis: a test that sees a flow fail prints that
+/// flow's packets ([`Capture::flow`]), hop by hop, so a failure in CI explains itself.
+pub struct Capture {
+    child: std::process::Child,
+    file: PathBuf,
+    log: PathBuf,
+    netns: String,
+}
+
+impl Capture {
+    /// Starts capturing in the namespace `<lab>-<role>` (`node-1`, `client`, ...) what matches
+    /// the pcap `filter`, and waits until tcpdump listens.
+    pub fn start(lab: &TestLab, role: &str, filter: &str) -> Capture {
+        let base = std::env::temp_dir().join(format!("{}-{role}", lab.name));
+        let (file, log) = (
+            base.with_extension("pcap"),
+            base.with_extension("tcpdump.log"),
+        );
+        let stderr = std::fs::File::create(&log).expect("tcpdump log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &format!("{}-{role}", lab.name)])
+            // -U: every packet reaches the file at once (the capture is killed, not stopped).
+            .args(["tcpdump", "-i", "any", "-n", "-U", "-s", "160", "-w"])
+            .arg(&file)
+            .arg(filter)
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("run tcpdump (apt-get install tcpdump)");
+        let capture = Capture {
+            child,
+            file,
+            log,
+            netns: format!("{}-{role}", lab.name),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read_to_string(&capture.log)
+            .unwrap_or_default()
+            .contains("listening on")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tcpdump did not start in {role}: {}",
+                std::fs::read_to_string(&capture.log).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        capture
+    }
+
+    /// Reads the capture back with `filter`. In the namespace it was taken in: the file holds
+    /// interface indexes, which tcpdump names as the reading namespace does.
+    fn read(&self, extra: &[&str], filter: &str) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.netns, "tcpdump", "-n"])
+            .args(extra)
+            .arg("-r")
+            .arg(&self.file)
+            .arg(filter)
+            .output()
+            .expect("run tcpdump -r")
+    }
+
+    /// The captured packets with `port` at either end, one line each with its time and
+    /// interface.
+    pub fn flow(&self, port: u16) -> String {
+        let out = self.read(&["-tt"], &format!("port {port}"));
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    /// The ports of the client side of connections with `host` whose handshake was sent more
+    /// than once: a SYN or a SYN-ACK retransmitted, i.e. a packet lost or held up on the way,
+    /// which TCP repaired by resending it a second later.
+    pub fn resent_handshakes(&self, host: &str) -> Vec<u16> {
+        let out = self.read(
+            &[],
+            &format!("host {host} and tcp[tcpflags] & tcp-syn != 0"),
+        );
+        // Counted per interface and direction: `-i any` sees a forwarded packet on each.
+        let mut seen: std::collections::BTreeMap<(String, bool, u16), usize> = Default::default();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // "04:36:30.907357 eth0  Out IP 203.0.113.10.41234 > 198.51.100.1.80: Flags [S], ..."
+            let Some((hop, packet)) = line.split_once(" IP ") else {
+                continue;
+            };
+            let hop: Vec<&str> = hop.split_whitespace().skip(1).collect();
+            let fields: Vec<&str> = packet.split_whitespace().collect();
+            let port = |endpoint: &str| -> Option<u16> {
+                endpoint
+                    .trim_end_matches(':')
+                    .rsplit('.')
+                    .next()?
+                    .parse()
+                    .ok()
+            };
+            let (syn_ack, client) = match fields.as_slice() {
+                [src, ">", _, "Flags", "[S],", ..] => (false, port(src)),
+                [_, ">", dst, "Flags", "[S.],", ..] => (true, port(dst)),
+                _ => continue,
+            };
+            if let Some(client) = client {
+                *seen.entry((hop.join(" "), syn_ack, client)).or_default() += 1;
+            }
+        }
+        let mut resent: Vec<u16> = seen
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|((_, _, port), _)| port)
+            .collect();
+        resent.sort_unstable();
+        resent.dedup();
+        resent
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.file);
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
 /// The lab's node-1 and node-2 (on the underlay) and its external client.
 pub const NODE_1: &str = "10.224.0.4";
 pub const NODE_2: &str = "10.224.0.5";
