@@ -852,30 +852,7 @@ fn scale_ten_thousand_services() {
         let client = (Ipv4Addr::from(0x0b00_0000 + f), 40000);
         let front = (Ipv4Addr::from(0x0a60_0000 + svc), 80);
         let back = (Ipv4Addr::from(0x0a80_0000 + svc * 16 + 1), 8080);
-        let (fk, fb) = CtKey::new(Protocol::Tcp, client, front);
-        let (rk, rb) = CtKey::new(Protocol::Tcp, client, back);
-        let fwd = CtValue {
-            created_ns: now,
-            last_seen_ns: now,
-            kind: CtType::NatForward as u8,
-            flags: u8::from(fb),
-            tcp_a: 0x3,
-            tcp_b: 0x3,
-            svc_id: 1,
-            peer: rk,
-            nat_addr: be_addr(back.0),
-            nat_port: be_port(back.1),
-            psnat_port: 0,
-            ..CtValue::default()
-        };
-        let rev = CtValue {
-            kind: CtType::NatReverse as u8,
-            flags: u8::from(rb),
-            peer: fk,
-            nat_addr: be_addr(front.0),
-            nat_port: be_port(front.1),
-            ..fwd
-        };
+        let (fk, fwd, rk, rev) = nat_pair(client, front, back, Protocol::Tcp, now, now, 0x3);
         ct.insert(&rk, &rev).expect("insert");
         ct.insert(&fk, &fwd).expect("insert");
     }
